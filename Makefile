@@ -1,0 +1,27 @@
+# Quick start: `make demo` and `make test`. Both build .venv first if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the pins or the set-up script change: a second
+# `make setup` is a no-op.
+$(STAMP): pyproject.toml tools/setup_env.py
+	$(PYTHON) tools/setup_env.py $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m trainer.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

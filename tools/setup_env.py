@@ -1,0 +1,65 @@
+"""Build the project's virtual environment: ``python tools/setup_env.py VENV``.
+
+Reads the pins from ``pyproject.toml`` and picks the CPU or CUDA build of the
+torch / fbgemm stack by itself (override with ``CTR_ACCELERATOR=cpu|cuda``).
+torchrec is installed with ``--no-deps`` because its metadata asks for the
+CUDA ``fbgemm-gpu``, which must not sit next to ``fbgemm-gpu-cpu``; its real
+runtime needs are plain dependencies of the project.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_accelerator_pins() -> dict[str, str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "tomli"], check=True)
+        import tomli as tomllib
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["ctr"]["accelerator"]
+
+
+def detect_accelerator() -> str:
+    forced = os.environ.get("CTR_ACCELERATOR")
+    if forced:
+        if forced not in ("cpu", "cuda"):
+            sys.exit(f"setup: CTR_ACCELERATOR must be 'cpu' or 'cuda', got {forced!r}")
+        return forced
+    smi = shutil.which("nvidia-smi")
+    if smi and subprocess.run([smi, "-L"], capture_output=True).returncode == 0:
+        return "cuda"
+    return "cpu"
+
+
+def pip(venv: Path, *args: str) -> None:
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    venv = Path(sys.argv[1] if len(sys.argv) > 1 else ".venv").resolve()
+    pins = read_accelerator_pins()
+    accelerator = detect_accelerator()
+    print(f"setup: building {venv} for {accelerator}", flush=True)
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    fbgemm = pins["fbgemm_cuda"] if accelerator == "cuda" else pins["fbgemm_cpu"]
+    pip(venv, f"torch=={pins['torch']}", fbgemm)
+    pip(venv, "--no-deps", f"torchrec=={pins['torchrec']}")
+    pip(venv, "-e", f"{ROOT}[dev]")
+    check = "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('setup: torch', torch.__version__, '| torchrec ok')"
+    subprocess.run([str(venv / "bin" / "python"), "-c", check], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The on-disk contract of a prepared dataset (``schema.json`` + parquet splits).
+
+Layout written by ``trainer.data.preprocess`` and ``trainer.data.synthetic --format parquet``::
+
+    DATASET/
+      schema.json            # DatasetSchema below
+      vocab/FIELD.parquet    # preprocess only: token (string) -> id (int32), count
+      train/part-00000.parquet, part-00001.parquet, ...
+      val/...
+      test/...
+
+Parquet columns of every split file:
+
+- ``label``: int8, 0 or 1
+- one int32 column per sparse field, named by the field, ids in ``[0, cardinality)``
+- ``dense``: fixed_size_list<float32>[len(dense_fields)], only when there are dense fields
+- extra float32 columns listed in ``extra_columns`` (synthetic data: ``p_true``,
+  the planted click probability)
+
+Id conventions of preprocessed data: ``OOV_ID`` (0) for values unseen in train
+or rarer than the min-count, ``MISSING_ID`` (1) for an empty value, then the
+vocabulary by descending train count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.data.storage import filesystem, join
+from trainer.errors import UserError
+
+SPLITS = ("train", "val", "test")
+LABEL_COLUMN = "label"
+DENSE_COLUMN = "dense"
+OOV_ID = 0
+MISSING_ID = 1
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SparseField:
+    """A categorical field: ids in ``[0, cardinality)``."""
+
+    name: str
+    cardinality: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split: its row count and parquet files (relative to the dataset root)."""
+
+    rows: int
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    dataset: str  # "criteo" | "avazu" | "synthetic"
+    sparse_fields: list[SparseField]
+    dense_fields: list[str]
+    splits: dict[str, SplitInfo]
+    recipe: dict[str, Any] = field(default_factory=dict)  # how it was made (flags, seed, bad rows...)
+    extra_columns: list[str] = field(default_factory=list)
+    version: int = SCHEMA_VERSION
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f.name for f in self.sparse_fields]
+
+    def cardinality(self, name: str) -> int:
+        for f in self.sparse_fields:
+            if f.name == name:
+                return f.cardinality
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "schema.json") -> "DatasetSchema":
+        try:
+            if raw.get("version") != SCHEMA_VERSION:
+                raise UserError(f"{where}: schema version {raw.get('version')!r}, this code reads {SCHEMA_VERSION}")
+            schema = cls(
+                dataset=str(raw["dataset"]),
+                sparse_fields=[SparseField(str(f["name"]), int(f["cardinality"])) for f in raw["sparse_fields"]],
+                dense_fields=[str(d) for d in raw["dense_fields"]],
+                splits={k: SplitInfo(int(v["rows"]), [str(p) for p in v["files"]]) for k, v in raw["splits"].items()},
+                recipe=dict(raw.get("recipe", {})),
+                extra_columns=[str(c) for c in raw.get("extra_columns", [])],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: malformed schema ({type(e).__name__}: {e})") from None
+        schema.validate(where)
+        return schema
+
+    def validate(self, where: str = "schema.json") -> None:
+        names = self.field_names
+        if not names:
+            raise UserError(f"{where}: no sparse fields")
+        if len(set(names)) != len(names):
+            raise UserError(f"{where}: duplicate sparse field names")
+        bad = [f.name for f in self.sparse_fields if f.cardinality < 1]
+        if bad:
+            raise UserError(f"{where}: fields with cardinality < 1: {bad}")
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise UserError(f"{where}: unknown splits {sorted(unknown)}; expected {list(SPLITS)}")
+
+
+def write_schema(dataset_url: str, schema: DatasetSchema) -> None:
+    schema.validate()
+    fs, path = filesystem(join(dataset_url, "schema.json"))
+    with fs.open(path, "w") as f:
+        f.write(schema.to_json())
+
+
+def read_schema(dataset_url: str) -> DatasetSchema:
+    """Read and validate ``DATASET/schema.json``; a clear error when missing or malformed."""
+    url = join(dataset_url, "schema.json")
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise UserError(f"no schema.json in {dataset_url}: not a prepared dataset (run trainer.data.preprocess or trainer.data.synthetic first)")
+    try:
+        with fs.open(path, "r") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{url}: not valid JSON ({e})") from None
+    return DatasetSchema.from_dict(raw, where=url)

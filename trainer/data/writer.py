@@ -1,0 +1,107 @@
+"""Write the parquet splits of a prepared dataset (see ``trainer.data.schema``).
+
+Rows arrive in batches; each split is spread over ``files_per_split`` part
+files (so ranks and readers can share them out) with row groups of
+``row_group_rows`` rows, the unit the loader reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.data.schema import DENSE_COLUMN, LABEL_COLUMN, SPLITS, SplitInfo
+from trainer.data.storage import filesystem, join
+
+
+def make_table(
+    labels: np.ndarray,
+    sparse: dict[str, pa.Array | np.ndarray],
+    dense: np.ndarray | None = None,
+    extras: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """Build one batch in the on-disk layout.
+
+    labels: (N,) 0/1; sparse: field -> (N,) int ids; dense: (N, D) float32 or None;
+    extras: name -> (N,) float32.
+    """
+    columns: dict[str, pa.Array] = {LABEL_COLUMN: pa.array(np.asarray(labels, dtype=np.int8))}
+    for name, ids in sparse.items():
+        columns[name] = ids.cast(pa.int32()) if isinstance(ids, pa.Array) else pa.array(np.asarray(ids, dtype=np.int32))
+    if dense is not None and dense.shape[1] > 0:
+        flat = pa.array(np.ascontiguousarray(dense, dtype=np.float32).reshape(-1))
+        columns[DENSE_COLUMN] = pa.FixedSizeListArray.from_arrays(flat, dense.shape[1])
+    for name, values in (extras or {}).items():
+        columns[name] = pa.array(np.asarray(values, dtype=np.float32))
+    return pa.table(columns)
+
+
+class _PartFile:
+    def __init__(self, url: str, schema: pa.Schema, row_group_rows: int):
+        fs, path = filesystem(url)
+        self._file = fs.open(path, "wb")
+        self._writer = pq.ParquetWriter(self._file, schema, compression="zstd")
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._row_group_rows = row_group_rows
+        self.rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= self._row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending_rows:
+            self._writer.write_table(pa.concat_tables(self._pending).combine_chunks(), row_group_size=self._row_group_rows)
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._file.close()
+
+
+class DatasetWriter:
+    """Append batches to the train/val/test part files under ``root_url``."""
+
+    def __init__(self, root_url: str, files_per_split: int = 4, row_group_rows: int = 1 << 16):
+        self.root_url = root_url
+        self.files_per_split = files_per_split
+        self.row_group_rows = row_group_rows
+        self._parts: dict[str, list[_PartFile]] = {}
+
+    def write(self, split: str, table: pa.Table) -> None:
+        """Append ``table`` (from ``make_table``) to the smallest part file of ``split``."""
+        assert split in SPLITS, split
+        if table.num_rows == 0:
+            return
+        parts = self._parts.get(split)
+        if parts is None:
+            fs, path = filesystem(join(self.root_url, split))
+            fs.makedirs(path, exist_ok=True)
+            parts = [
+                _PartFile(join(self.root_url, split, f"part-{i:05d}.parquet"), table.schema, self.row_group_rows)
+                for i in range(self.files_per_split)
+            ]
+            self._parts[split] = parts
+        min(parts, key=lambda p: p.rows).append(table)
+
+    def close(self) -> dict[str, SplitInfo]:
+        """Finish every file; returns the split infos for ``schema.json``. Empty splits have no files."""
+        infos = {}
+        for split in SPLITS:
+            parts = self._parts.get(split, [])
+            for p in parts:
+                p.close()
+            files = [f"{split}/part-{i:05d}.parquet" for i, p in enumerate(parts) if p.rows > 0]
+            # part files that got no rows are removed: they would only confuse readers
+            for i, p in enumerate(parts):
+                if p.rows == 0:
+                    fs, path = filesystem(join(self.root_url, split, f"part-{i:05d}.parquet"))
+                    fs.rm(path)
+            infos[split] = SplitInfo(rows=sum(p.rows for p in parts), files=files)
+        return infos
