@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml tools/setup_env.py
 demo: setup
 	$(PY) -m trainer.demo
 
+# pytest exits 5 when it collected no tests: that is a failure, not green.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: setup
 	$(PY) -m bench
