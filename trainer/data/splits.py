@@ -27,7 +27,8 @@ def parse_split(spec: str) -> tuple[float, float, float]:
     return (parts[0] / total, parts[1] / total, parts[2] / total)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64: a fast, well-mixed integer hash."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -37,7 +38,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def assign_splits(row_index: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Split id (TRAIN/VAL/TEST) per row. row_index: int64 (N,) -> int8 (N,)."""
     with np.errstate(over="ignore"):
-        h = _splitmix64(row_index.astype(np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64)))
+        h = splitmix64(row_index.astype(np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
     u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     out = np.full(row_index.shape, TEST, dtype=np.int8)
     out[u < fractions[0] + fractions[1]] = VAL

@@ -57,3 +57,23 @@ def atomic_directory(url: str, overwrite: bool = False) -> Iterator[str]:
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.mv(tmp_path, path, recursive=True)
+
+
+@contextlib.contextmanager
+def atomic_files(urls: list[str], overwrite: bool) -> Iterator[list[str]]:
+    """Temporary URLs for ``urls``, renamed into place (the first one last) on success, removed on failure."""
+    fs, paths = zip(*(filesystem(u) for u in urls))
+    existing = [u for u, f, p in zip(urls, fs, paths) if f.exists(p)]
+    if existing and not overwrite:
+        raise UserError(f"output already exists: {', '.join(existing)} (remove it or pass --overwrite)")
+    suffix = f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp = [u + suffix for u in urls]
+    try:
+        yield tmp
+    except BaseException:
+        for f, p in zip(fs, paths):
+            if f.exists(p + suffix):
+                f.rm(p + suffix)
+        raise
+    for f, p in reversed(list(zip(fs, paths))):
+        f.mv(p + suffix, p)
