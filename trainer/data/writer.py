@@ -75,7 +75,7 @@ class DatasetWriter:
         self._parts: dict[str, list[_PartFile]] = {}
 
     def write(self, split: str, table: pa.Table) -> None:
-        """Append ``table`` (from ``make_table``) to the smallest part file of ``split``."""
+        """Append ``table`` (from ``make_table``) to ``split``, a row group's worth at a time to its smallest part file."""
         assert split in SPLITS, split
         if table.num_rows == 0:
             return
@@ -88,7 +88,8 @@ class DatasetWriter:
                 for i in range(self.files_per_split)
             ]
             self._parts[split] = parts
-        min(parts, key=lambda p: p.rows).append(table)
+        for start in range(0, table.num_rows, self.row_group_rows):
+            min(parts, key=lambda p: p.rows).append(table.slice(start, self.row_group_rows))
 
     def close(self) -> dict[str, SplitInfo]:
         """Finish every file; returns the split infos for ``schema.json``. Empty splits have no files."""
