@@ -1,0 +1,73 @@
+"""Typed configs of the CTR model: how big the embeddings are and which interaction runs on them.
+
+Scale semantics follow the paper's reference code (thuml/Multi-Embedding): at scale ``k``,
+
+- single-embedding (``se``) has one embedding set of dim ``k * base_dim``;
+- multi-embedding (``me``) has ``k`` independent sets of dim ``base_dim``;
+
+so both hold the same number of embedding parameters. The paper's scales are 1, 2, 3, 4
+and 10 with ``base_dim = 10``; any positive scale is accepted. At scale 1 SE and ME are
+the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.errors import UserError
+from trainer.model.interactions import INTERACTIONS
+
+EMBEDDING_MODES = ("se", "me")
+PAPER_SCALES = (1, 2, 3, 4, 10)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """``mode``: ``"se"`` or ``"me"``; ``scale``: the paper's k (1, 2, 3, 4, 10);
+    ``base_dim``: the 1x embedding dim (10 in the paper, 50 for NFwFM)."""
+
+    mode: str = "me"
+    scale: int = 1
+    base_dim: int = 10
+
+    def __post_init__(self) -> None:
+        if self.mode not in EMBEDDING_MODES:
+            raise UserError(f"embedding mode {self.mode!r}: expected one of {list(EMBEDDING_MODES)}")
+        for name in ("scale", "base_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"embedding {name} {value!r}: expected a positive integer (paper scales: {list(PAPER_SCALES)})")
+
+    @property
+    def num_sets(self) -> int:
+        """M: the number of independent embedding sets."""
+        return self.scale if self.mode == "me" else 1
+
+    @property
+    def dim(self) -> int:
+        """K: the embedding dim of every table."""
+        return self.base_dim if self.mode == "me" else self.scale * self.base_dim
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name``: the interaction (``"dnn"`` or ``"dcnv2"``), run once per embedding set.
+
+    ``hidden`` and ``dropout`` size the per-set projection and the shared tail (400 and
+    0.2 in the paper); ``cross_layers`` is the depth of the DCNv2 cross net (4).
+    """
+
+    name: str = "dcnv2"
+    hidden: int = 400
+    dropout: float = 0.2
+    cross_layers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in INTERACTIONS:
+            raise UserError(f"model {self.name!r}: expected one of {sorted(INTERACTIONS)}")
+        for name in ("hidden", "cross_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model {name} {value!r}: expected a positive integer")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model dropout {self.dropout!r}: expected a probability in [0, 1)")

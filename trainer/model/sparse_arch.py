@@ -1,0 +1,194 @@
+"""The multi-embedding sparse arch: M independent embedding sets over the same F fields.
+
+All M*F tables live in one TorchRec ``EmbeddingBagCollection`` (one input dist, one
+planner problem). Table ``set{m}__{field}`` holds set ``m`` of ``field`` and is fed by the
+batch feature ``field``. When several tables read one feature TorchRec keys their pooled
+outputs ``field@table``; with a single set the key is the field name itself. The sharded
+collection returns its keys in another order than the unsharded one, so the output is
+always assembled by key, never by position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from trainer.data.schema import SparseField
+from trainer.errors import UserError
+
+
+def table_name(set_index: int, field: str) -> str:
+    """The name of the table that holds embedding set ``set_index`` of ``field``."""
+    return f"set{set_index}__{field}"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """Where one (set, field) embedding lives: its table and its key in the pooled output."""
+
+    set_index: int
+    field: str
+    table: str
+    key: str
+    cardinality: int
+    dim: int
+
+
+INIT_BLOCK_ROWS = 1 << 16
+
+
+def table_seed(seed: int, set_index: int, field: str, block: int = 0) -> int:
+    """A stable 63-bit seed for one row block of one table, from (run seed, set, field, block).
+
+    Stable across processes and Python versions (no salted ``hash``), so every rank and
+    every rerun draws the same table.
+    """
+    digest = hashlib.blake2b(f"{seed}/{set_index}/{field}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def init_table_(
+    weight: torch.Tensor, table: TableInfo, seed: int, row_offset: int = 0, col_offset: int = 0
+) -> torch.Tensor:
+    """Fill ``weight`` with its window of the seeded initial value of ``table``.
+
+    The full table is ``U(-sqrt(1/cardinality), sqrt(1/cardinality))`` (TorchRec's default
+    embedding init), drawn in blocks of ``INIT_BLOCK_ROWS`` full-width rows, block ``i``
+    from a CPU generator seeded with ``table_seed(seed, set, field, i)``. ``weight`` is the
+    ``(rows, cols)`` window at ``(row_offset, col_offset)``: the whole table, or one shard
+    of it, which is thus initialised without materialising the rest.
+    """
+    rows, cols = weight.shape
+    bound = math.sqrt(1.0 / table.cardinality)
+    values = torch.empty(rows, cols, dtype=torch.float32)
+    first_block, end_block = row_offset // INIT_BLOCK_ROWS, -(-(row_offset + rows) // INIT_BLOCK_ROWS)
+    for block in range(first_block, end_block):
+        start = block * INIT_BLOCK_ROWS
+        generator = torch.Generator().manual_seed(table_seed(seed, table.set_index, table.field, block))
+        drawn = torch.empty(min(INIT_BLOCK_ROWS, table.cardinality - start), table.dim).uniform_(
+            -bound, bound, generator=generator
+        )
+        lo, hi = max(start, row_offset), min(start + drawn.shape[0], row_offset + rows)
+        values[lo - row_offset : hi - row_offset] = drawn[lo - start : hi - start, col_offset : col_offset + cols]
+    with torch.no_grad():
+        weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
+    return weight
+
+
+class MultiEmbeddingSparseArch(nn.Module):
+    """Looks up M independent embedding sets for F single-id fields.
+
+    Args:
+        fields (Sequence[SparseField]): the F categorical fields, ids in ``[0, cardinality)``.
+        num_sets (int): M, the number of embedding sets.
+        dim (int): K, the embedding dim of every table.
+        seed (int): the init seed: every table is drawn from (seed, set, field) by
+            ``init_table_``, so reruns and shards see the same values and sets differ.
+        device (torch.device | None): where the tables are allocated; ``meta`` defers
+            allocation to sharding.
+
+    Example::
+
+        arch = MultiEmbeddingSparseArch([SparseField("a", 5), SparseField("b", 7)], num_sets=2, dim=4, seed=0)
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["a", "b"], values=torch.tensor([0, 4, 6, 1]), lengths=torch.ones(4, dtype=torch.int32)
+        )
+        arch(features).shape  # (2, 2, 2, 4): (M, B, F, K)
+    """
+
+    def __init__(
+        self,
+        fields: Sequence[SparseField],
+        num_sets: int,
+        dim: int,
+        seed: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        names = [f.name for f in fields]
+        if not names:
+            raise UserError("the model needs at least one sparse field")
+        if len(set(names)) != len(names):
+            raise UserError(f"duplicate sparse field names: {sorted({n for n in names if names.count(n) > 1})}")
+        bad = [f.name for f in fields if f.cardinality < 1]
+        if bad:
+            raise UserError(f"sparse fields with cardinality < 1: {bad}")
+        if num_sets < 1 or dim < 1:
+            raise UserError(f"embedding sets {num_sets} x dim {dim}: both must be positive")
+        self.field_names: list[str] = names
+        self.num_sets: int = num_sets
+        self.dim: int = dim
+        tables = [
+            EmbeddingBagConfig(
+                name=table_name(m, f.name),
+                embedding_dim=dim,
+                num_embeddings=f.cardinality,
+                feature_names=[f.name],
+                pooling=PoolingType.SUM,
+            )
+            for m in range(num_sets)
+            for f in fields
+        ]
+        keys = [names_of_table[0] for names_of_table in get_embedding_names_by_table(tables)]
+        # set-major, field-minor: the order ``forward`` stacks the pooled embeddings in.
+        self.tables: list[TableInfo] = [
+            TableInfo(m, f.name, config.name, key, f.cardinality, dim)
+            for (m, f), config, key in zip(((m, f) for m in range(num_sets) for f in fields), tables, keys)
+        ]
+        self.seed: int = seed
+        self.embedding_bag_collection: EmbeddingBagCollection = EmbeddingBagCollection(tables=tables, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw every (unsharded, allocated) table from the seed; sharded tables are drawn
+        shard by shard after sharding (``trainer.sharding.shard_model``)."""
+        bags = self.embedding_bag_collection.embedding_bags
+        for t in self.tables:
+            weight = bags[t.table].weight
+            if not weight.is_meta:
+                init_table_(weight, t, self.seed)
+
+    def table_names(self) -> dict[tuple[int, str], str]:
+        """(set, field) -> table name, e.g. for reading per-set weights for collapse monitoring."""
+        return {(t.set_index, t.field): t.table for t in self.tables}
+
+    def weight_keys(self, prefix: str = "") -> dict[tuple[int, str], str]:
+        """(set, field) -> the state-dict key of that table's weight, under ``prefix`` (this
+        module's path in the model, with a trailing dot). The same keys name the tables in
+        the unsharded model, the ``DistributedModelParallel`` and DCP checkpoints."""
+        return {
+            (t.set_index, t.field): f"{prefix}embedding_bag_collection.embedding_bags.{t.table}.weight"
+            for t in self.tables
+        }
+
+    def stack(self, pooled: KeyedTensor) -> torch.Tensor:
+        """Arrange the pooled embeddings by key.
+
+        Args:
+            pooled (KeyedTensor): one (B, K) embedding per table, keys in any order.
+
+        Returns:
+            torch.Tensor: (M, B, F, K).
+        """
+        by_key = pooled.to_dict()
+        stacked = torch.stack([by_key[t.key] for t in self.tables], dim=1)  # (B, M*F, K)
+        return stacked.view(-1, self.num_sets, len(self.field_names), self.dim).transpose(0, 1)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """
+        Args:
+            features (KeyedJaggedTensor): keys = the field names (any order), one id
+                per field per row.
+
+        Returns:
+            torch.Tensor: (M, B, F, K).
+        """
+        return self.stack(self.embedding_bag_collection(features))
