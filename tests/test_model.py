@@ -71,11 +71,20 @@ def test_se_and_me_hold_the_same_number_of_embedding_parameters(scale):
     se, me = EmbeddingConfig("se", scale), EmbeddingConfig("me", scale)
     assert (se.num_sets, se.dim) == (1, 10 * scale)
     assert (me.num_sets, me.dim) == (scale, 10)
-    counts = [
-        sum(p.numel() for p in MultiEmbeddingSparseArch(FIELDS, c.num_sets, c.dim, seed=0).parameters())
-        for c in (se, me)
-    ]
-    assert counts[0] == counts[1] == sum(f.cardinality for f in FIELDS) * 10 * scale
+    archs = [MultiEmbeddingSparseArch(FIELDS, c.num_sets, c.dim, seed=0) for c in (se, me)]
+    used = [sum(t.cardinality * t.dim for t in arch.tables) for arch in archs]
+    assert used[0] == used[1] == sum(f.cardinality for f in FIELDS) * 10 * scale
+    # stored tables are padded to a multiple of 4 columns for FBGEMM, never narrower
+    stored = [sum(p.numel() for p in arch.parameters()) for arch in archs]
+    assert all(s >= u for s, u in zip(stored, used))
+
+
+def test_padding_columns_are_zero_and_never_reach_the_model():
+    arch = MultiEmbeddingSparseArch(FIELDS, num_sets=2, dim=10, seed=0)
+    weights = [arch.embedding_bag_collection.embedding_bags[t.table].weight for t in arch.tables]
+    assert all(w.shape[1] == 12 and torch.count_nonzero(w[:, 10:]) == 0 for w in weights)
+    arch(features(FIELDS, 4, seed=0)).sum().backward()
+    assert all(torch.count_nonzero(w.grad[:, 10:]) == 0 and torch.count_nonzero(w.grad[:, :10]) > 0 for w in weights)
 
 
 def test_seeded_init_is_reproducible_and_sets_differ():
@@ -97,9 +106,10 @@ def test_table_windows_are_slices_of_the_full_table(monkeypatch):
     monkeypatch.setattr(sparse_arch_module, "INIT_BLOCK_ROWS", 4)  # several row blocks
     arch = MultiEmbeddingSparseArch([SparseField("a", 11)], num_sets=2, dim=6, seed=5)
     table = arch.tables[1]
-    full = init_table_(torch.empty(11, 6), table, seed=5)
+    assert table.storage_dim == 8
+    full = init_table_(torch.empty(11, 8), table, seed=5)
     assert torch.equal(full, arch.embedding_bag_collection.embedding_bags[table.table].weight.detach())
-    for rows, cols, row, col in [(5, 6, 3, 0), (11, 2, 0, 4), (7, 3, 4, 3), (0, 6, 4, 0)]:
+    for rows, cols, row, col in [(5, 8, 3, 0), (11, 2, 0, 4), (7, 3, 4, 3), (0, 6, 4, 0), (3, 4, 0, 4)]:
         window = init_table_(torch.empty(rows, cols), table, seed=5, row_offset=row, col_offset=col)
         assert torch.equal(window, full[row : row + rows, col : col + cols])
 

@@ -9,6 +9,7 @@ scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
 from __future__ import annotations
 
 import dataclasses
+import collections.abc
 import types
 import typing
 from pathlib import Path
@@ -83,11 +84,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise UserError(f"{where}: {value!r} is not one of {list(args)}")
         return value
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
-        return origin(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+        items = [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}

@@ -221,7 +221,7 @@ def _planner_error_message(
 ) -> str:
     memory = "HBM" if device.type == "cuda" else "DDR"
     cap = f"{config.storage_cap_bytes} bytes" if config.storage_cap_bytes else "the default topology cap"
-    table_bytes = sum(t.cardinality * t.dim * 4 for t in tables)
+    table_bytes = sum(t.cardinality * t.storage_dim * 4 for t in tables)
     what = (
         f"{len(tables)} embedding tables ({table_bytes} bytes of fp32 weights, plus optimizer state "
         f"and lookup buffers) on {world_size} {device.type} ranks with {cap} of {memory} each"
@@ -416,7 +416,7 @@ def plan_placements(plan: ShardingPlan, tables: Sequence[TableInfo], world_size:
             sizes = [list(shard.shard_sizes) for shard in spec.shards]
         else:  # data_parallel: a full replica on every rank
             ranks = list(range(world_size))
-            sizes = [[t.cardinality, t.dim]] * world_size
+            sizes = [[t.cardinality, t.storage_dim]] * world_size
         placements.append(
             TablePlacement(t.set_index, t.field, t.table, ps.sharding_type, ps.compute_kernel, ranks, sizes)
         )

@@ -6,6 +6,11 @@ batch feature ``field``. When several tables read one feature TorchRec keys thei
 outputs ``field@table``; with a single set the key is the field name itself. The sharded
 collection returns its keys in another order than the unsharded one, so the output is
 always assembled by key, never by position.
+
+FBGEMM's kernels need table widths divisible by 4, and the paper's base dim is 10:
+tables are stored ``storage_dim = ceil(K / 4) * 4`` wide and only their first K columns
+are used (the padding columns start at zero, get no gradient and never reach the
+model). Readers of the weights (collapse monitoring, export) take ``[:, :dim]``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ class TableInfo:
     table: str
     key: str
     cardinality: int
-    dim: int
+    dim: int  # K, the columns the model uses
+    storage_dim: int  # the stored width: K rounded up to a multiple of 4 (FBGEMM)
+
+
+def storage_dim(dim: int) -> int:
+    """The stored width of a ``dim``-wide table: FBGEMM kernels need a multiple of 4."""
+    return -(-dim // 4) * 4
 
 
 INIT_BLOCK_ROWS = 1 << 16
@@ -61,8 +72,9 @@ def init_table_(
     """Fill ``weight`` with its window of the seeded initial value of ``table``.
 
     The full table is ``U(-sqrt(1/cardinality), sqrt(1/cardinality))`` (TorchRec's default
-    embedding init), drawn in blocks of ``INIT_BLOCK_ROWS`` full-width rows, block ``i``
-    from a CPU generator seeded with ``table_seed(seed, set, field, i)``. ``weight`` is the
+    embedding init), drawn in blocks of ``INIT_BLOCK_ROWS`` rows of ``dim`` columns, block
+    ``i`` from a CPU generator seeded with ``table_seed(seed, set, field, i)``; padding
+    columns up to ``storage_dim`` are zero. ``weight`` is the
     ``(rows, cols)`` window at ``(row_offset, col_offset)``: the whole table, or one shard
     of it, which is thus initialised without materialising the rest.
     """
@@ -73,9 +85,8 @@ def init_table_(
     for block in range(first_block, end_block):
         start = block * INIT_BLOCK_ROWS
         generator = torch.Generator().manual_seed(table_seed(seed, table.set_index, table.field, block))
-        drawn = torch.empty(min(INIT_BLOCK_ROWS, table.cardinality - start), table.dim).uniform_(
-            -bound, bound, generator=generator
-        )
+        drawn = torch.zeros(min(INIT_BLOCK_ROWS, table.cardinality - start), table.storage_dim)
+        drawn[:, : table.dim].uniform_(-bound, bound, generator=generator)
         lo, hi = max(start, row_offset), min(start + drawn.shape[0], row_offset + rows)
         values[lo - row_offset : hi - row_offset] = drawn[lo - start : hi - start, col_offset : col_offset + cols]
     with torch.no_grad():
@@ -129,7 +140,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         tables = [
             EmbeddingBagConfig(
                 name=table_name(m, f.name),
-                embedding_dim=dim,
+                embedding_dim=storage_dim(dim),
                 num_embeddings=f.cardinality,
                 feature_names=[f.name],
                 pooling=PoolingType.SUM,
@@ -140,7 +151,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         keys = [names_of_table[0] for names_of_table in get_embedding_names_by_table(tables)]
         # set-major, field-minor: the order ``forward`` stacks the pooled embeddings in.
         self.tables: list[TableInfo] = [
-            TableInfo(m, f.name, config.name, key, f.cardinality, dim)
+            TableInfo(m, f.name, config.name, key, f.cardinality, dim, storage_dim(dim))
             for (m, f), config, key in zip(((m, f) for m in range(num_sets) for f in fields), tables, keys)
         ]
         self.seed: int = seed
@@ -179,7 +190,7 @@ class MultiEmbeddingSparseArch(nn.Module):
             torch.Tensor: (M, B, F, K).
         """
         by_key = pooled.to_dict()
-        stacked = torch.stack([by_key[t.key] for t in self.tables], dim=1)  # (B, M*F, K)
+        stacked = torch.stack([by_key[t.key][:, : self.dim] for t in self.tables], dim=1)  # (B, M*F, K)
         return stacked.view(-1, self.num_sets, len(self.field_names), self.dim).transpose(0, 1)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Atomic distributed checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory ``CKPT_DIR/step-00001234`` holding the DCP shards
+of the model and both optimizers (every rank writes its own shards; loading
+into a different world size reshards), and ``meta.json``: the training
+position and what the model was built from. It is written under a temporary
+name, and ``meta.json`` plus the rename come last, after every rank has
+finished: a checkpoint is complete or invisible.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from trainer.data.storage import filesystem, join
+from trainer.errors import UserError
+
+_NAME = re.compile(r"^step-(\d{8})$")
+META = "meta.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    url: str
+    step: int
+
+
+def list_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
+    """Complete checkpoints under ``ckpt_dir``, oldest first (temporary ones are skipped)."""
+    fs, path = filesystem(ckpt_dir)
+    if not fs.exists(path):
+        return []
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        match = _NAME.match(name)
+        if match:
+            found.append(CheckpointInfo(join(ckpt_dir, name), int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def read_meta(url: str) -> dict[str, Any]:
+    fs, path = filesystem(join(url, META))
+    if not fs.exists(path):
+        raise UserError(f"checkpoint {url} is incomplete: it has no {META} (not written by a finished save)")
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint {url}: {META} is corrupt ({e})") from None
+
+
+def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Save ``state`` (model / optimizer state dicts) on every rank; rank 0 commits it. Returns its URL."""
+    final = join(ckpt_dir, checkpoint_name(step))
+    tmp = final + ".tmp"
+    fs, tmp_path = filesystem(tmp)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        if fs.exists(tmp_path):
+            fs.rm(tmp_path, recursive=True)  # left by a crashed save
+        fs.makedirs(tmp_path, exist_ok=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    _barrier()
+    if rank == 0:
+        with fs.open(join(tmp_path, META), "w") as f:
+            json.dump(meta, f, indent=2)
+        final_path = filesystem(final)[1]
+        if fs.exists(final_path):
+            fs.rm(final_path, recursive=True)
+        fs.mv(tmp_path, final_path, recursive=True)
+    _barrier()
+    return final
+
+
+def load(url: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint in place into ``state`` (every rank); returns its meta. Clear errors, never a silent restart."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise UserError(f"checkpoint not found: {url}")
+    meta = read_meta(url)
+    try:
+        dcp.load(state, checkpoint_id=url)
+    except Exception as e:  # DCP wraps per-rank read errors; any failure here means the files are bad
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {url} is corrupt or does not match this model: {first[:500]}") from None
+    return meta
+
+
+def prune(ckpt_dir: str, keep: set[int]) -> None:
+    """Remove complete checkpoints whose step is not in ``keep`` (rank 0 only)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    fs = filesystem(ckpt_dir)[0]
+    for info in list_checkpoints(ckpt_dir):
+        if info.step not in keep:
+            fs.rm(filesystem(info.url)[1], recursive=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

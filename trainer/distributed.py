@@ -1,0 +1,80 @@
+"""Process group set-up: one process, ``torchrun``, or torchx ``dist.ddp`` alike.
+
+Under ``torchrun`` (and torchx, which launches it) the rank and world come
+from the environment; a plain ``python -m trainer.main`` is a world of one.
+gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a few numbers (one collective)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_choice: str = "auto") -> DistContext:
+    """Join (or create) the process group; picks the device and backend."""
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device is 'cuda' but no CUDA device is available here; use 'cpu' or 'auto'")
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        init_method = "env://"
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        init_method, rank, world_size = f"tcp://127.0.0.1:{_free_port()}", 0, 1
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        device=device,
+        backend=backend,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

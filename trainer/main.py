@@ -1,0 +1,93 @@
+"""Train a multi-embedding CTR model: ``python -m trainer.main --config FILE [--set key=value ...]``.
+
+The same file runs as a script for torchx and torchrun::
+
+    torchx run -s local_cwd dist.ddp -j 1x2 --script trainer/main.py -- --config configs/synthetic_dcnv2_me.yaml
+    torchrun --nproc-per-node 2 trainer/main.py --config ...
+
+``--resume auto`` (the default) continues from the run directory's latest
+complete checkpoint, so a job restarted by torchx/torchrun picks up where it
+stopped; ``--resume never`` refuses a run directory that already has
+checkpoints; ``--resume PATH`` starts from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (torchx --script): import the package, not siblings
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import logging
+import os
+
+from trainer import checkpoint
+from trainer.config import load_config
+from trainer.distributed import init_distributed, shutdown
+from trainer.errors import UserError, run_cli
+from trainer.run_dir import RunDir
+from trainer.train import Trainer
+
+log = logging.getLogger("trainer")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", default="auto", help="auto (default) | never | a checkpoint path")
+    args = p.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    ctx = init_distributed(config.run.device)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run_dir = RunDir(config.run.dir)
+        existing = checkpoint.list_checkpoints(run_dir.checkpoints)
+        if args.resume == "never" and existing:
+            raise UserError(f"{run_dir.url} already has checkpoints ({existing[-1].url}); use --resume auto or another run.dir")
+        if ctx.is_main:
+            run_dir.create()
+            run_dir.write_config(config)
+        ctx.barrier()
+        trainer = Trainer(config, ctx, run_dir)
+        if args.resume not in ("auto", "never"):
+            trainer.restore(args.resume)
+        elif args.resume == "auto" and existing:
+            trainer.restore(existing[-1].url)
+        _fault_injection(trainer)
+        trainer.fit()
+        summary = trainer.finish()
+        if ctx.is_main:
+            print((Path(run_dir.path) / "summary.txt").read_text() if run_dir.fs.protocol in ("file", ("file", "local")) else summary)
+    finally:
+        shutdown()
+
+
+def _fault_injection(trainer: Trainer) -> None:
+    """Test hook: ``CTR_FAIL_AT_STEP=N`` kills rank ``CTR_FAIL_RANK`` (default 1) at step N on the
+    first attempt of a job, to exercise restart-and-resume (torchrun --max-restarts, torchx --max_retries)."""
+    step = os.environ.get("CTR_FAIL_AT_STEP")
+    if not step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if trainer.ctx.rank != int(os.environ.get("CTR_FAIL_RANK", "1")):
+        return
+    original = trainer._train_segment
+
+    def failing_segment(batches):
+        def counted():
+            for batch in batches:
+                if trainer.progress.step >= int(step):
+                    log.error("fault injection: rank %d exits at step %d", trainer.ctx.rank, trainer.progress.step)
+                    os._exit(17)
+                yield batch
+
+        return original(counted())
+
+    trainer._train_segment = failing_segment
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,396 @@
+"""The training recipe: build, shard, train with ``TrainPipelineSparseDist``,
+evaluate, checkpoint, stop early, test the best checkpoint, summarise.
+
+Every rank runs the same code. Training is cut into segments that end where
+something happens (an evaluation, a checkpoint, the end of an epoch): the
+pipeline drains at each segment end, so the data position saved in a
+checkpoint is exactly the number of batches trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data.loader import CTRDataLoader, LoaderConfig
+from trainer.data.schema import DatasetSchema, read_schema
+from trainer.distributed import DistContext
+from trainer.errors import UserError
+from trainer.metrics import binary_metrics, gather
+from trainer.model.ctr_model import MultiEmbeddingCTR
+from trainer.run_dir import RunDir
+from trainer.sharding import (
+    apply_embedding_optimizer,
+    combined_optimizer,
+    embedding_optimizer,
+    plan_sharding,
+    render_plan,
+    shard_model,
+)
+
+log = logging.getLogger("trainer")
+
+
+class TrainModule(nn.Module):
+    """The CTR model with its loss, in the shape the pipeline wants:
+    ``Batch -> (loss (), (loss (), logits (B,), labels (B,)))``."""
+
+    def __init__(self, model: MultiEmbeddingCTR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch.sparse_features)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint's meta."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0  # optimizer steps so far
+    examples: int = 0  # training rows so far, all ranks
+    train_seconds: float = 0.0
+    best_val_auc: float = -math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    world_size: int = 1
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one step on one rank: dropout draws are a function of (seed, rank,
+    step), so a resumed run draws what the uninterrupted run drew, with no RNG state to carry."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def model_identity(config: TrainConfig, schema: DatasetSchema) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into this job's model."""
+    return {
+        "model": dataclasses.asdict(config.model),
+        "embedding": dataclasses.asdict(config.embedding),
+        "fields": [[f.name, f.cardinality] for f in schema.sparse_fields],
+    }
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, ctx: DistContext, run_dir: RunDir):
+        self.config = config
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.schema = read_schema(config.data.path)
+        for split in ("train", "val", "test"):
+            if self.schema.splits.get(split, None) is None or self.schema.splits[split].rows == 0:
+                raise UserError(f"{config.data.path}: the dataset has no {split!r} rows")
+        if ctx.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+        self.identity = model_identity(config, self.schema)
+        self.progress = Progress(world_size=ctx.world_size)
+        self._build()
+
+    # ---- construction -----------------------------------------------------------------
+
+    def _build(self) -> None:
+        c, ctx = self.config, self.ctx
+        model = MultiEmbeddingCTR.from_config(
+            self.schema.sparse_fields, c.model, c.embedding, seed=c.train.seed, table_device=torch.device("meta")
+        )
+        module = TrainModule(model)
+        emb_opt = embedding_optimizer(
+            c.optim.embedding, ctx.device, lr=c.optim.embedding_lr, eps=c.optim.eps, weight_decay=c.optim.weight_decay
+        )
+        apply_embedding_optimizer(module, emb_opt)
+        pg = torch.distributed.group.WORLD
+        plan = plan_sharding(
+            module, c.sharding, ctx.world_size, ctx.device, c.train.batch_size, pg, ctx.local_world_size
+        )
+        if ctx.is_main:
+            self.run_dir.write_text("plan.txt", render_plan(plan, model.sparse_arch.tables, ctx.world_size))
+        self.model = shard_model(module, plan, ctx.device, pg)
+        self.optimizer = combined_optimizer(
+            self.model,
+            emb_opt,
+            lambda params: torch.optim.Adam(params, lr=c.optim.dense_lr, weight_decay=c.optim.weight_decay),
+        )
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device, execute_all_batches=True)
+        self.train_loader = self._loader("train", shuffle=True)
+        self.eval_loaders = {s: self._loader(s, shuffle=False) for s in ("val", "test")}
+
+    def _loader(self, split: str, shuffle: bool) -> CTRDataLoader:
+        c = self.config
+        return CTRDataLoader(
+            c.data.path,
+            split,
+            LoaderConfig(
+                batch_size=c.train.batch_size,
+                shuffle=shuffle,
+                seed=c.train.seed,
+                shuffle_window_rows=c.data.shuffle_window_rows,
+            ),
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save(self) -> None:
+        meta = {"progress": dataclasses.asdict(self.progress), "identity": self.identity}
+        url = checkpoint.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
+        keep = {self.progress.step, self.progress.best_step}
+        checkpoint.prune(self.run_dir.checkpoints, keep)
+        if self.ctx.is_main:
+            log.info("checkpoint %s", url)
+
+    def restore(self, url: str, restore_progress: bool = True) -> None:
+        """Load a checkpoint into the model and optimizers (resharding if it was written by
+        another world size) and, for a resume, continue from its position."""
+        meta = checkpoint.read_meta(url)
+        if meta.get("identity") != self.identity:
+            raise UserError(
+                f"checkpoint {url} was written for another model or dataset:\n"
+                f"  checkpoint: {_describe(meta.get('identity'))}\n  this job:   {_describe(self.identity)}"
+            )
+        self.optimizer.init_state()  # optimizer state is lazy: create it so DCP can load into it
+        state = self._state()
+        checkpoint.load(url, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        if not restore_progress:
+            return
+        saved = Progress(**meta["progress"])
+        if saved.world_size != self.ctx.world_size:
+            # the epoch's data order depends on the world size: continue at the same fraction of the epoch
+            done = saved.step_in_epoch * self.config.train.batch_size * saved.world_size
+            saved.step_in_epoch = min(done // (self.config.train.batch_size * self.ctx.world_size), len(self.train_loader))
+            log.warning(
+                "resuming a %d-rank checkpoint on %d ranks: the tables are resharded; epoch %d continues at step %d "
+                "(the same share of the epoch, not the same rows)",
+                meta["progress"]["world_size"],
+                self.ctx.world_size,
+                saved.epoch,
+                saved.step_in_epoch,
+            )
+            saved.world_size = self.ctx.world_size
+        self.progress = saved
+        if self.ctx.is_main:
+            log.info("resumed from %s at epoch %d, step %d", url, saved.epoch, saved.step)
+
+    # ---- training -----------------------------------------------------------------------
+
+    def _boundaries(self, steps_per_epoch: int) -> Iterator[int]:
+        """Steps within the epoch after which training pauses (to evaluate or checkpoint)."""
+        t = self.config.train
+        every = [n for n in (t.eval_every_steps, t.checkpoint_every_steps) if n]
+        epoch_start = self.progress.step - self.progress.step_in_epoch
+        stops = {steps_per_epoch}
+        for n in every:
+            stops |= {s - epoch_start for s in range(n * (epoch_start // n + 1), epoch_start + steps_per_epoch, n)}
+        if t.max_steps:
+            stops.add(min(steps_per_epoch, max(t.max_steps - epoch_start, 0)))
+        return iter(sorted(s for s in stops if s > self.progress.step_in_epoch))
+
+    def fit(self) -> None:
+        t, p = self.config.train, self.progress
+        steps_per_epoch = len(self.train_loader)
+        if self.ctx.is_main:
+            log.info(
+                "training: %d epochs x %d steps, batch %d per rank x %d ranks",
+                t.epochs,
+                steps_per_epoch,
+                t.batch_size,
+                self.ctx.world_size,
+            )
+        while p.epoch < t.epochs and not self._should_stop():
+            self.train_loader.set_epoch(p.epoch)
+            batches = self.train_loader.iter_from(p.step_in_epoch)
+            for stop in self._boundaries(steps_per_epoch):
+                self._train_segment(itertools.islice(batches, stop - p.step_in_epoch))
+                end_of_epoch = p.step_in_epoch == steps_per_epoch
+                if end_of_epoch or (t.eval_every_steps and p.step % t.eval_every_steps == 0):
+                    self._evaluate_and_track()
+                    self.save()
+                elif (t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0) or self._at_max_steps():
+                    self.save()
+                if self._should_stop():
+                    break
+            if p.step_in_epoch == steps_per_epoch:
+                p.epoch += 1
+                p.step_in_epoch = 0
+
+    def _at_max_steps(self) -> bool:
+        return bool(self.config.train.max_steps) and self.progress.step >= self.config.train.max_steps
+
+    def _should_stop(self) -> bool:
+        return self._at_max_steps() or self.progress.evals_without_improvement >= self.config.train.patience
+
+    def _train_segment(self, batches: Iterator[Batch]) -> None:
+        t, p, ctx = self.config.train, self.progress, self.ctx
+        self.model.train()
+        window_loss, window_steps, window_rows, window_nan, window_start = 0.0, 0, 0, 0, time.perf_counter()
+        segment_start = window_start
+        while True:
+            torch.manual_seed(step_seed(t.seed, ctx.rank, p.step))
+            try:
+                loss, _, labels = self.pipeline.progress(batches)
+            except StopIteration:
+                break
+            p.step += 1
+            p.step_in_epoch += 1
+            value = float(loss)
+            window_nan += int(not math.isfinite(value))
+            window_loss += value
+            window_steps += 1
+            window_rows += labels.numel()
+            if p.step % t.log_every_steps == 0:
+                self._log_window(window_loss, window_steps, window_rows, window_nan, time.perf_counter() - window_start)
+                window_loss, window_steps, window_rows, window_nan, window_start = 0.0, 0, 0, 0, time.perf_counter()
+        if window_steps:
+            self._log_window(window_loss, window_steps, window_rows, window_nan, time.perf_counter() - window_start)
+        p.train_seconds += time.perf_counter() - segment_start
+
+    def _log_window(self, loss: float, steps: int, rows: int, nan: int, seconds: float) -> None:
+        """Combine a window of steps over ranks: log, record, and stop on a NaN loss."""
+        p = self.progress
+        loss, steps, rows, nan = self.ctx.all_reduce_sum([loss, steps, rows, nan])
+        p.examples += int(rows)
+        if nan:
+            last = checkpoint.list_checkpoints(self.run_dir.checkpoints)
+            kept = f"the last good checkpoint is {last[-1].url}" if last else "no checkpoint was written yet"
+            raise UserError(
+                f"training loss became NaN/inf by step {p.step} (epoch {p.epoch}); stopped without saving: {kept}. "
+                "Lower optim.embedding_lr / optim.dense_lr or check the data."
+            )
+        record = {
+            "kind": "train",
+            "step": p.step,
+            "epoch": p.epoch,
+            "loss": loss / steps,
+            "examples_per_sec": rows / max(seconds, 1e-9),
+            "time": time.time(),
+        }
+        if self.ctx.is_main:
+            self.run_dir.append_metrics(record)
+            log.info(
+                "epoch %d step %d (%d/%d)  loss %.4f  %s examples/s",
+                p.epoch,
+                p.step,
+                p.step_in_epoch,
+                len(self.train_loader),
+                record["loss"],
+                f"{record['examples_per_sec']:,.0f}",
+            )
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Exact metrics of ``split`` over all its rows (every rank scores its part)."""
+        loader = self.eval_loaders[split]
+        self.model.eval()
+        logits, labels = [], []
+        batches = iter(loader)
+        start = time.perf_counter()
+        with torch.no_grad():
+            while True:
+                try:
+                    _, batch_logits, batch_labels = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                logits.append(batch_logits)
+                labels.append(batch_labels)
+        self.model.train()
+        all_logits = gather(torch.cat(logits).float())
+        all_labels = gather(torch.cat(labels).float())
+        metrics = binary_metrics(all_logits, all_labels)
+        metrics["seconds"] = time.perf_counter() - start
+        if metrics["rows"] != loader.num_rows:
+            raise RuntimeError(f"evaluated {metrics['rows']} rows of {split}, expected {loader.num_rows}")
+        return metrics
+
+    def _evaluate_and_track(self) -> None:
+        p = self.progress
+        metrics = self.evaluate("val")
+        improved = metrics["auc"] > p.best_val_auc
+        if improved:
+            p.best_val_auc, p.best_step, p.evals_without_improvement = metrics["auc"], p.step, 0
+        else:
+            p.evals_without_improvement += 1
+        if self.ctx.is_main:
+            self.run_dir.append_metrics({"kind": "val", "step": p.step, "epoch": p.epoch, **metrics, "time": time.time()})
+            log.info(
+                "validation at step %d: AUC %.5f logloss %.5f (%s)",
+                p.step,
+                metrics["auc"],
+                metrics["logloss"],
+                "best so far" if improved else f"no better for {p.evals_without_improvement} evaluation(s)",
+            )
+
+    # ---- the end --------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Test the best checkpoint and write ``summary.json``."""
+        p = self.progress
+        if p.best_step < 0:  # stopped (max_steps) before any evaluation
+            self._evaluate_and_track()
+            self.save()
+        trained = dataclasses.replace(p)
+        best = checkpoint.join(self.run_dir.checkpoints, checkpoint.checkpoint_name(p.best_step))
+        if p.best_step != p.step:
+            self.restore(best, restore_progress=False)
+        val, test = self.evaluate("val"), self.evaluate("test")
+        oracle = self.schema.recipe.get("oracle", {}).get("test") or {}
+        summary = {
+            "val_auc": val["auc"],
+            "val_logloss": val["logloss"],
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "test_calibration": test["calibration"],
+            "best_step": p.best_step,
+            "best_checkpoint": best,
+            "steps": trained.step,
+            "epochs_completed": trained.epoch,
+            "stopped_early": trained.evals_without_improvement >= self.config.train.patience,
+            "train_examples": trained.examples,
+            "train_seconds": trained.train_seconds,
+            "train_examples_per_sec": trained.examples / max(trained.train_seconds, 1e-9),
+            "world_size": self.ctx.world_size,
+            "device": self.ctx.device.type,
+            "model": self.config.model.name,
+            "embedding": f"{self.config.embedding.mode} {self.config.embedding.scale}x "
+            f"({self.config.embedding.num_sets} set(s) of dim {self.config.embedding.dim})",
+            "dataset": self.config.data.path,
+            "oracle_test_auc": oracle.get("auc"),
+            "oracle_test_logloss": oracle.get("logloss"),
+        }
+        if self.ctx.is_main:
+            self.run_dir.write_summary(summary)
+        return summary
+
+
+def _describe(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "unknown"
+    fields = identity.get("fields", [])
+    return (
+        f"model {identity.get('model')}, embedding {identity.get('embedding')}, "
+        f"{len(fields)} fields (cardinalities {[c for _, c in fields][:6]}{'...' if len(fields) > 6 else ''})"
+    )
