@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script (torchx --script): import the p
 import argparse
 import logging
 import os
+import warnings
 
 from trainer import checkpoint
 from trainer.config import load_config
@@ -36,9 +37,18 @@ log = logging.getLogger("trainer")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys: --set train.epochs=3 embedding.mode=se (torchx forbids repeating a flag)",
+    )
     p.add_argument("--resume", default="auto", help="auto (default) | never | a checkpoint path")
     args = p.parse_args(argv)
+    _quiet_libraries()
     config = load_config(args.config, args.overrides)
     ctx = init_distributed(config.run.device)
     if not ctx.is_main:
@@ -64,6 +74,18 @@ def main(argv: list[str] | None = None) -> None:
             print((Path(run_dir.path) / "summary.txt").read_text() if run_dir.fs.protocol in ("file", ("file", "local")) else summary)
     finally:
         shutdown()
+
+
+def _quiet_libraries() -> None:
+    """TorchRec and FBGEMM log notes meant for their developers at WARNING on every rank
+    (data-parallel caching, deprecations): keep our own log readable."""
+    for name in ("torchrec", "fbgemm_gpu", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:  # torchrec also logs through the root logger
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or not any(lib in r.pathname for lib in ("/torchrec/", "/fbgemm_gpu/")))
+    for module in ("torchrec", "fbgemm_gpu", "torch"):
+        for category in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def _fault_injection(trainer: Trainer) -> None:
