@@ -41,7 +41,9 @@ class _PartFile:
     def __init__(self, url: str, schema: pa.Schema, row_group_rows: int):
         fs, path = filesystem(url)
         self._file = fs.open(path, "wb")
-        self._writer = pq.ParquetWriter(self._file, schema, compression="zstd")
+        # ids and labels repeat (dictionary encoding pays); float columns don't
+        ids = [f.name for f in schema if pa.types.is_integer(f.type)]
+        self._writer = pq.ParquetWriter(self._file, schema, compression="zstd", use_dictionary=ids)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._row_group_rows = row_group_rows
