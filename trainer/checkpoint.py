@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.data.storage import filesystem, join
 from trainer.errors import UserError
@@ -92,10 +93,26 @@ def load(url: str, state: dict[str, Any]) -> dict[str, Any]:
     meta = read_meta(url)
     try:
         dcp.load(state, checkpoint_id=url)
-    except Exception as e:  # DCP wraps per-rank read errors; any failure here means the files are bad
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank read errors in a BaseException
+        first = _first_error_line(e)
         raise UserError(f"checkpoint {url} is corrupt or does not match this model: {first[:500]}") from None
     return meta
+
+
+def _first_error_line(e: BaseException) -> str:
+    """The root cause of a DCP failure in one line (a CheckpointException holds the per-rank
+    failures; its own text is a traceback)."""
+    if isinstance(e, CheckpointException):
+        failures = getattr(e, "failures", {}) or {}
+        causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        causes = [c for c in causes if isinstance(c, BaseException)]
+        if causes:
+            cause = causes[0]
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def prune(ckpt_dir: str, keep: set[int]) -> None:

@@ -1,66 +1,66 @@
 """``make demo``: the main job end to end on the embedded synthetic default.
 
-synthetic Criteo-format TSV -> preprocess (the paper's recipe) -> sharded
-TorchRec batches for 2 ranks, printing what each step made and where.
+1. synthetic Criteo-format TSV with a planted interaction model (its oracle AUC known);
+2. preprocess it with the paper's recipe into parquet splits;
+3. train DCNv2 with multi-embedding on 2 ranks through torchx (``dist.ddp``, gloo);
+4. print the summary (test AUC beside the oracle's) and where everything is.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
-
-from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.preprocess import PreprocessConfig, preprocess
 from trainer.data.synthetic import SyntheticConfig, generate
-from trainer.errors import run_cli
+from trainer.errors import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=300_000, help="synthetic rows (default 300,000)")
     p.add_argument("--run-dir", default="runs/demo", help="where everything is written (replaced each run)")
-    p.add_argument("--world-size", type=int, default=2, help="ranks the train split is shared out to")
+    p.add_argument("--config", default="configs/synthetic_me.yaml", help="training config")
+    p.add_argument("--nproc", type=int, default=2, help="training ranks (torchx -j 1xN)")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    raw, dataset = str(run_dir / "synthetic.tsv"), str(run_dir / "dataset")
+    run_dir = (ROOT / args.run_dir).resolve()
+    raw, dataset, train_dir = run_dir / "synthetic.tsv", run_dir / "dataset", run_dir / "train"
 
-    print(f"[1/3] synthetic data: {args.rows:,} Criteo-format rows with a planted interaction model")
-    report = generate(SyntheticConfig(rows=args.rows, cardinality_scale=0.01), raw, fmt="criteo-tsv", overwrite=True)
+    print(f"[1/3] synthetic data: {args.rows:,} Criteo-format rows with a planted interaction model", flush=True)
+    report = generate(SyntheticConfig(rows=args.rows, cardinality_scale=0.01), str(raw), fmt="criteo-tsv", overwrite=True)
     oracle = report["oracle"]["test"]
     print(f"      CTR {report['ctr']:.3f}; oracle on the test split: AUC {oracle['auc']:.4f}, logloss {oracle['logloss']:.4f}")
 
-    print("[2/3] preprocess: integer tokens, min-count 10, 8/1/1 split, vocabularies from train only")
-    schema = preprocess(PreprocessConfig(dataset="criteo", input=raw, output=dataset, overwrite=True))
+    print("[2/3] preprocess: integer tokens, min-count 10, 8/1/1 split, vocabularies from train only", flush=True)
+    schema = preprocess(PreprocessConfig(dataset="criteo", input=str(raw), output=str(dataset), overwrite=True))
     cards = [f.cardinality for f in schema.sparse_fields]
     print(
-        f"      {len(cards)} sparse fields (cardinality {min(cards)}..{max(cards)}), {len(schema.dense_fields)} dense; "
-        + ", ".join(f"{s} {info.rows:,} rows in {len(info.files)} files" for s, info in schema.splits.items())
+        f"      {len(cards)} sparse fields (cardinality {min(cards)}..{max(cards)}); "
+        + ", ".join(f"{s} {info.rows:,} rows" for s, info in schema.splits.items())
     )
 
-    print(f"[3/3] loader: train split shared out to {args.world_size} ranks, batches of 2048")
-    for rank in range(args.world_size):
-        loader = CTRDataLoader(dataset, "train", LoaderConfig(batch_size=2048, seed=0), rank=rank, world_size=args.world_size)
-        start, rows, ids = time.perf_counter(), 0, []
-        for batch in loader:
-            rows += batch.labels.numel()
-            ids.append(batch.sparse_features["C1"].values().numpy())
-        seconds = time.perf_counter() - start
-        first = next(iter(loader))
-        print(
-            f"      rank {rank}: {len(loader)} steps, {rows:,} rows ({rows / seconds:,.0f} rows/s); a batch: "
-            f"dense {tuple(first.dense_features.shape)}, KJT {len(first.sparse_features.keys())} keys x "
-            f"{first.sparse_features.stride()} rows, labels mean {first.labels.mean().item():.3f}; "
-            f"C1 ids seen {len(np.unique(np.concatenate(ids)))}"
-        )
+    command = [
+        "torchx", "run", "-s", "local_cwd", "dist.ddp", "-j", f"1x{args.nproc}", "--script", "trainer/main.py", "--",
+        "--config", args.config, "--resume", "never", "--set", f"data.path={dataset}", f"run.dir={train_dir}",
+    ]  # fmt: skip
+    print(f"[3/3] train on {args.nproc} ranks through torchx:\n      {shlex.join(command)}", flush=True)
+    if train_dir.exists():
+        subprocess.run(["rm", "-rf", str(train_dir)], check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+        raise UserError(f"training failed: see the torchx log above (run directory {train_dir})")
 
-    print(f"\nEverything is in {run_dir}:")
-    print(f"  raw TSV + truth + oracle report: {raw}{{,.truth.parquet,.oracle.json}}")
-    print(f"  prepared dataset:                {dataset}/ (schema.json, vocab/, train/, val/, test/)")
-    print("The trainer (issue 3) will train DCNv2 multi-embedding on this dataset through torchx.")
+    print("\n" + (train_dir / "summary.txt").read_text())
+    print(f"Everything is in {run_dir}:")
+    print(f"  synthetic.tsv{{,.truth.parquet,.oracle.json}}  raw rows, true click probabilities, oracle report")
+    print(f"  dataset/                                    prepared parquet splits, vocabularies, schema.json")
+    print(f"  train/                                      config.yaml, plan.txt, metrics.jsonl, checkpoints/, summary.json")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _elastic_attempt_store(world_size: int) -> dist.Store | None:
+    """Under torchrun/torchx the workers share the elastic agent's TCPStore, and it outlives a
+    restart: the restarted ranks would read the gloo/NCCL addresses the dead attempt left there
+    and fail to connect (pytorch/pytorch#135712). Keys are kept apart per restart attempt,
+    as torch itself did before the store was shared."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    return dist.PrefixStore(f"ctr_trainer/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_distributed(device_choice: str = "auto") -> DistContext:
     """Join (or create) the process group; picks the device and backend."""
     if device_choice == "cuda" and not torch.cuda.is_available():
@@ -64,7 +77,11 @@ def init_distributed(device_choice: str = "auto") -> DistContext:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        store = _elastic_attempt_store(world_size)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return DistContext(
         rank=rank,
         world_size=world_size,

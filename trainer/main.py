@@ -58,15 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         existing = checkpoint.list_checkpoints(run_dir.checkpoints)
         if args.resume == "never" and existing:
             raise UserError(f"{run_dir.url} already has checkpoints ({existing[-1].url}); use --resume auto or another run.dir")
-        if ctx.is_main:
-            run_dir.create()
-            run_dir.write_config(config)
-        ctx.barrier()
         trainer = Trainer(config, ctx, run_dir)
         if args.resume not in ("auto", "never"):
             trainer.restore(args.resume)
         elif args.resume == "auto" and existing:
             trainer.restore(existing[-1].url)
+        if ctx.is_main:  # only now: a refused config or checkpoint leaves the run directory as it was
+            run_dir.create()
+            run_dir.write_config(config)
+            run_dir.write_text("plan.txt", trainer.plan_text)
+        ctx.barrier()
         _fault_injection(trainer)
         trainer.fit()
         summary = trainer.finish()
@@ -89,26 +90,27 @@ def _quiet_libraries() -> None:
 
 
 def _fault_injection(trainer: Trainer) -> None:
-    """Test hook: ``CTR_FAIL_AT_STEP=N`` kills rank ``CTR_FAIL_RANK`` (default 1) at step N on the
-    first attempt of a job, to exercise restart-and-resume (torchrun --max-restarts, torchx --max_retries)."""
+    """Test hook: ``CTR_FAIL_AT_STEP=N`` kills rank ``CTR_FAIL_RANK`` (default 1) right after its
+    training step N (before a checkpoint due at N) on the first attempt of a job, to exercise
+    restart-and-resume (torchrun --max-restarts, torchx --max_retries)."""
     step = os.environ.get("CTR_FAIL_AT_STEP")
     if not step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     if trainer.ctx.rank != int(os.environ.get("CTR_FAIL_RANK", "1")):
         return
-    original = trainer._train_segment
+    original = trainer.pipeline.progress
+    fail_at = int(step)
 
-    def failing_segment(batches):
-        def counted():
-            for batch in batches:
-                if trainer.progress.step >= int(step):
-                    log.error("fault injection: rank %d exits at step %d", trainer.ctx.rank, trainer.progress.step)
-                    os._exit(17)
-                yield batch
+    def failing_progress(batches):
+        # wraps the training step itself, not the batch iterator: the pipeline fetches batches
+        # ahead, so counting fetched batches would exit up to a segment (and a checkpoint) late
+        out = original(batches)
+        if trainer.model.training and trainer.progress.step + 1 >= fail_at:
+            log.error("fault injection: rank %d exits at step %d", trainer.ctx.rank, trainer.progress.step + 1)
+            os._exit(17)
+        return out
 
-        return original(counted())
-
-    trainer._train_segment = failing_segment
+    trainer.pipeline.progress = failing_progress
 
 
 if __name__ == "__main__":

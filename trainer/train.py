@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -29,6 +32,7 @@ from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, read_schema
+from trainer.data.storage import filesystem
 from trainer.distributed import DistContext
 from trainer.errors import UserError
 from trainer.metrics import binary_metrics, gather
@@ -72,6 +76,7 @@ class Progress:
     best_val_auc: float = -math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
+    last_eval_step: int = -1  # the step of the latest validation
     world_size: int = 1
 
 
@@ -121,8 +126,8 @@ class Trainer:
         plan = plan_sharding(
             module, c.sharding, ctx.world_size, ctx.device, c.train.batch_size, pg, ctx.local_world_size
         )
-        if ctx.is_main:
-            self.run_dir.write_text("plan.txt", render_plan(plan, model.sparse_arch.tables, ctx.world_size))
+        # written by main once a resumed checkpoint is known to fit (a refused resume leaves the run dir as it was)
+        self.plan_text = render_plan(plan, model.sparse_arch.tables, ctx.world_size)
         self.model = shard_model(module, plan, ctx.device, pg)
         self.optimizer = combined_optimizer(
             self.model,
@@ -154,12 +159,63 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------
 
     def save(self) -> None:
+        self._sync_buffers()
+        self._check_finite_weights()
         meta = {"progress": dataclasses.asdict(self.progress), "identity": self.identity}
         url = checkpoint.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
         keep = {self.progress.step, self.progress.best_step}
         checkpoint.prune(self.run_dir.checkpoints, keep)
         if self.ctx.is_main:
             log.info("checkpoint %s", url)
+
+    def _sync_buffers(self) -> None:
+        """Average the dense buffers (BatchNorm running statistics) over ranks.
+
+        TorchRec's DDP wrapper does not broadcast buffers, so every rank's running statistics
+        follow its own batches: without this, a 2-rank evaluation mixes two sets of statistics,
+        and a checkpoint (which keeps one rank's copy) resumes the ranks differently from how
+        they were. The running-average update is affine with the same weight on every rank,
+        so averaging now or at the end gives the same result: evaluations do not depend on
+        when checkpoints were taken."""
+        if self.ctx.world_size == 1:
+            return
+        buffers = [  # the dense model's only: the same list, in the same order, on every rank
+            b for name, b in self.model.named_buffers()
+            if "sparse_arch." not in name and type(b) is torch.Tensor and b.is_floating_point() and b.numel()
+        ]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+        torch.distributed.all_reduce(flat)
+        flat /= self.ctx.world_size
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to checkpoint NaN/inf weights: an update can blow the weights up after the
+        step's (finite) loss was computed, and such a checkpoint is not a good one to resume."""
+        bad = 0
+        for value in self.model.state_dict().values():
+            if isinstance(value, ShardedTensor):
+                parts = [shard.tensor for shard in value.local_shards()]
+            elif isinstance(value, DTensor):
+                parts = [value.to_local()]
+            elif isinstance(value, torch.Tensor):
+                parts = [value]
+            else:
+                continue
+            bad += sum(int(not torch.isfinite(t).all()) for t in parts if t.is_floating_point())
+        if self.ctx.all_reduce_sum([bad])[0]:
+            p = self.progress
+            last = checkpoint.list_checkpoints(self.run_dir.checkpoints)
+            kept = f"the last good checkpoint is {last[-1].url}" if last else "no checkpoint was written yet"
+            raise UserError(
+                f"model weights became NaN/inf by step {p.step} (epoch {p.epoch}); stopped without saving: {kept}. "
+                "Lower optim.embedding_lr / optim.dense_lr or check the data."
+            )
 
     def restore(self, url: str, restore_progress: bool = True) -> None:
         """Load a checkpoint into the model and optimizers (resharding if it was written by
@@ -191,9 +247,17 @@ class Trainer:
                 saved.step_in_epoch,
             )
             saved.world_size = self.ctx.world_size
+        if not self._in_run_dir(url):
+            # its best checkpoint belongs to another run directory: track the best afresh here
+            saved.best_val_auc, saved.best_step, saved.evals_without_improvement = -math.inf, -1, 0
+            saved.last_eval_step = -1
         self.progress = saved
         if self.ctx.is_main:
             log.info("resumed from %s at epoch %d, step %d", url, saved.epoch, saved.step)
+
+    def _in_run_dir(self, url: str) -> bool:
+        parent = posixpath.dirname(posixpath.normpath(filesystem(url)[1]))
+        return parent == posixpath.normpath(filesystem(self.run_dir.checkpoints)[1])
 
     # ---- training -----------------------------------------------------------------------
 
@@ -305,6 +369,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Exact metrics of ``split`` over all its rows (every rank scores its part)."""
         loader = self.eval_loaders[split]
+        self._sync_buffers()
         self.model.eval()
         logits, labels = [], []
         batches = iter(loader)
@@ -330,6 +395,7 @@ class Trainer:
         p = self.progress
         metrics = self.evaluate("val")
         improved = metrics["auc"] > p.best_val_auc
+        p.last_eval_step = p.step
         if improved:
             p.best_val_auc, p.best_step, p.evals_without_improvement = metrics["auc"], p.step, 0
         else:
@@ -349,7 +415,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint and write ``summary.json``."""
         p = self.progress
-        if p.best_step < 0:  # stopped (max_steps) before any evaluation
+        if p.last_eval_step != p.step:  # stopped by max_steps after the last evaluation (or before any)
             self._evaluate_and_track()
             self.save()
         trained = dataclasses.replace(p)
