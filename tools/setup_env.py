@@ -40,6 +40,26 @@ def detect_accelerator() -> str:
     return "cpu"
 
 
+DEBIAN_PACKAGES = {"promtool": "prometheus", "prometheus-pushgateway": "prometheus-pushgateway"}  # binary -> package
+
+
+def install_debian_packages() -> None:
+    """Prometheus, promtool and the Pushgateway for the alerting tests, from Debian, as root."""
+    missing = sorted({pkg for binary, pkg in DEBIAN_PACKAGES.items() if shutil.which(binary) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"setup: Debian packages {missing} are missing and this is not root with apt-get: "
+              "the Prometheus tests will fail until they are installed", flush=True)
+        return
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print("+", " ".join(install), flush=True)
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(install, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
 def pip(venv: Path, *args: str) -> None:
     cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
     print("+", " ".join(cmd[2:]), flush=True)
@@ -57,6 +77,7 @@ def main() -> None:
     pip(venv, f"torch=={pins['torch']}", fbgemm)
     pip(venv, "--no-deps", f"torchrec=={pins['torchrec']}")
     pip(venv, "-e", f"{ROOT}[dev]")
+    install_debian_packages()
     check = "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('setup: torch', torch.__version__, '| torchrec ok')"
     subprocess.run([str(venv / "bin" / "python"), "-c", check], check=True)
 

@@ -7,6 +7,7 @@
     train:     epochs, batch size, seed, evaluation / checkpoint cadence, early stopping
     optim:     the fused embedding optimizer and the dense Adam
     sharding:  planner constraints (trainer.sharding.ShardingConfig)
+    monitoring: collapse monitoring cadence, Prometheus export
 
 ``python -m trainer.main --config FILE --set train.epochs=3`` overrides any key.
 """
@@ -82,6 +83,20 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """Collapse monitoring and metric export (see trainer/telemetry.py for the series)."""
+
+    run_id: str = ""  # the ``run`` label of every series; "" = $CTR_RUN_ID, else the run directory's name
+    pushgateway: str = ""  # host:port of a Prometheus Pushgateway; "" = $CTR_PUSHGATEWAY, else no push
+    metrics_port: int = 0  # also serve /metrics from rank 0 on this port (0 = no)
+    collapse_every_steps: int = 0  # IA / set diversity every N steps too (0 = at each evaluation only)
+
+    def __post_init__(self) -> None:
+        if self.metrics_port < 0 or self.collapse_every_steps < 0:
+            raise UserError("monitoring.metrics_port and monitoring.collapse_every_steps must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig
     run: RunConfig = field(default_factory=RunConfig)
@@ -90,6 +105,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -3,6 +3,7 @@
     RUN/config.yaml      the resolved config (every default filled in)
     RUN/plan.txt         where each set of each field lives (sharding plan)
     RUN/metrics.jsonl    one JSON record per log window and evaluation
+    RUN/collapse.jsonl   IA, IA / random IA and set diversity per field, per measurement
     RUN/checkpoints/     DCP checkpoints (latest and best)
     RUN/summary.json     the outcome; RUN/summary.txt the same for people
 
@@ -44,7 +45,10 @@ class RunDir:
         self.write_text("config.yaml", yaml.safe_dump(configlib.to_dict(config), sort_keys=False))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.fs.open(join(self.path, "metrics.jsonl"), "a") as f:
+        self.append_jsonl("metrics.jsonl", record)
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        with self.fs.open(join(self.path, name), "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from trainer import checkpoint
+from trainer.collapse.distributed import analyze_sharded_model
 from trainer.config import TrainConfig
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, read_schema
@@ -46,6 +47,7 @@ from trainer.sharding import (
     render_plan,
     shard_model,
 )
+from trainer.telemetry import Telemetry
 
 log = logging.getLogger("trainer")
 
@@ -77,6 +79,7 @@ class Progress:
     best_step: int = -1
     evals_without_improvement: int = 0
     last_eval_step: int = -1  # the step of the latest validation
+    monitor_seconds: float = 0.0  # time spent on collapse monitoring (not in train_seconds)
     world_size: int = 1
 
 
@@ -108,6 +111,14 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
         self.identity = model_identity(config, self.schema)
         self.progress = Progress(world_size=ctx.world_size)
+        self._monitor_log: list[tuple[float, float]] = []  # (start, seconds) of each collapse measurement
+        m = config.monitoring
+        self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or posixpath.basename(run_dir.url.rstrip("/"))
+        self.telemetry = (
+            Telemetry(self.run_id, m.pushgateway or os.environ.get("CTR_PUSHGATEWAY", ""), m.metrics_port)
+            if ctx.is_main
+            else None
+        )
         self._build()
 
     # ---- construction -----------------------------------------------------------------
@@ -325,12 +336,15 @@ class Trainer:
             window_loss += value
             window_steps += 1
             window_rows += labels.numel()
+            every = self.config.monitoring.collapse_every_steps
+            if every and p.step % every == 0:
+                self.monitor_collapse()
             if p.step % t.log_every_steps == 0:
                 self._log_window(window_loss, window_steps, window_rows, window_nan, time.perf_counter() - window_start)
                 window_loss, window_steps, window_rows, window_nan, window_start = 0.0, 0, 0, 0, time.perf_counter()
         if window_steps:
             self._log_window(window_loss, window_steps, window_rows, window_nan, time.perf_counter() - window_start)
-        p.train_seconds += time.perf_counter() - segment_start
+        p.train_seconds += time.perf_counter() - segment_start - self._monitor_seconds_since(segment_start)
 
     def _log_window(self, loss: float, steps: int, rows: int, nan: int, seconds: float) -> None:
         """Combine a window of steps over ranks: log, record, and stop on a NaN loss."""
@@ -352,6 +366,8 @@ class Trainer:
             "examples_per_sec": rows / max(seconds, 1e-9),
             "time": time.time(),
         }
+        if self.telemetry:
+            self.telemetry.record_train(p.step, record["loss"], int(rows), record["examples_per_sec"])
         if self.ctx.is_main:
             self.run_dir.append_metrics(record)
             log.info(
@@ -394,12 +410,15 @@ class Trainer:
     def _evaluate_and_track(self) -> None:
         p = self.progress
         metrics = self.evaluate("val")
+        self.monitor_collapse()
         improved = metrics["auc"] > p.best_val_auc
         p.last_eval_step = p.step
         if improved:
             p.best_val_auc, p.best_step, p.evals_without_improvement = metrics["auc"], p.step, 0
         else:
             p.evals_without_improvement += 1
+        if self.telemetry:
+            self.telemetry.record_validation(metrics["auc"], metrics["logloss"])
         if self.ctx.is_main:
             self.run_dir.append_metrics({"kind": "val", "step": p.step, "epoch": p.epoch, **metrics, "time": time.time()})
             log.info(
@@ -409,6 +428,54 @@ class Trainer:
                 metrics["logloss"],
                 "best so far" if improved else f"no better for {p.evals_without_improvement} evaluation(s)",
             )
+
+    # ---- collapse monitoring --------------------------------------------------------------
+
+    def monitor_collapse(self) -> None:
+        """IA and set diversity of every field, from the live sharded tables (collective: each
+        rank reduces its own shards, only Gram matrices cross the wire). Rank 0 records them in
+        ``collapse.jsonl`` and exports them."""
+        start = time.perf_counter()
+        report = analyze_sharded_model(
+            self.model, dst=0, step=self.progress.step, label=self.run_id, embedding=dataclasses.asdict(self.config.embedding)
+        )
+        seconds = time.perf_counter() - start
+        self.progress.monitor_seconds += seconds
+        self._monitor_log.append((start, seconds))
+        if report is None:  # not rank 0
+            return
+        record = {
+            "step": self.progress.step,
+            "seconds": seconds,
+            "fields": {
+                f.field: {
+                    "set_ia": f.set_ia,
+                    "set_ia_ratio": f.set_ia_normalized,
+                    "overall_ia": f.overall_ia,
+                    "overall_ia_ratio": f.overall_ia_normalized,
+                    "diversity": f.mean_diversity,
+                }
+                for f in report.fields
+            },
+        }
+        self.run_dir.append_jsonl("collapse.jsonl", record)
+        if self.telemetry:
+            self.telemetry.record_collapse(report)
+        ratios = {f.field: float(np.mean(f.set_ia_normalized)) for f in report.fields}
+        worst = min(ratios, key=ratios.get)
+        diversities = [f.mean_diversity for f in report.fields if f.mean_diversity is not None]
+        log.info(
+            "collapse at step %d: IA / random IA %.3f on average, lowest %.3f (%s)%s  [%.2fs]",
+            self.progress.step,
+            float(np.mean(list(ratios.values()))),
+            ratios[worst],
+            worst,
+            f", set diversity {np.mean(diversities):.3f}" if diversities else "",
+            seconds,
+        )
+
+    def _monitor_seconds_since(self, start: float) -> float:
+        return sum(seconds for began, seconds in self._monitor_log if began >= start)
 
     # ---- the end --------------------------------------------------------------------------
 
@@ -438,6 +505,8 @@ class Trainer:
             "train_examples": trained.examples,
             "train_seconds": trained.train_seconds,
             "train_examples_per_sec": trained.examples / max(trained.train_seconds, 1e-9),
+            "collapse_monitor_seconds": trained.monitor_seconds,
+            "collapse_monitor_overhead": trained.monitor_seconds / max(trained.train_seconds, 1e-9),
             "world_size": self.ctx.world_size,
             "device": self.ctx.device.type,
             "model": self.config.model.name,

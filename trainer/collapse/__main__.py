@@ -1,0 +1,59 @@
+"""Offline embedding-collapse monitor: ``python -m trainer.collapse --checkpoint PATH --output DIR``.
+
+Reads one or more training checkpoints (a checkpoint directory, or a run directory
+meaning its latest checkpoint; local paths or fsspec URLs), one field at a time, and
+writes DIR/collapse.json, PNG plots and a self-contained DIR/report.html. Give two
+checkpoints (e.g. SE and ME at the same scale) to see them side by side::
+
+    python -m trainer.collapse --checkpoint runs/se4 --checkpoint runs/me4 --output reports/se_vs_me
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from trainer.collapse.checkpoint_reader import DEFAULT_BAND_ROWS, analyze_checkpoint
+from trainer.collapse.gram import DEFAULT_CHUNK_ROWS
+from trainer.collapse.report import write_report
+from trainer.data.storage import filesystem, join
+from trainer.errors import UserError, run_cli
+
+log = logging.getLogger("trainer.collapse")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m trainer.collapse", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", action="append", required=True, metavar="PATH_OR_URL",
+                   help="a checkpoint dir, or a run dir (its latest checkpoint); repeat to compare models")
+    p.add_argument("--output", required=True, metavar="PATH_OR_URL", help="the report directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--fields", help="comma-separated fields to analyse (default: all)")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per float64 Gram chunk")
+    p.add_argument("--band-rows", type=int, default=DEFAULT_BAND_ROWS, help="rows per checkpoint read (at least one stored chunk)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline tables")
+    p.add_argument("--no-plots", action="store_true", help="write collapse.json and report.html without PNGs")
+    args = p.parse_args(argv)
+    if args.chunk_rows < 1 or args.band_rows < 1:
+        raise UserError("--chunk-rows and --band-rows must be positive")
+    fs, out_path = filesystem(args.output)
+    if fs.exists(out_path) and not args.overwrite:  # before minutes of reading, not after
+        raise UserError(f"output already exists: {args.output} (remove it or pass --overwrite)")
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    reports = []
+    for url in args.checkpoint:
+        report = analyze_checkpoint(url, fields=fields, chunk_rows=args.chunk_rows, band_rows=args.band_rows, seed=args.seed)
+        s = report.summary()
+        log.info(
+            "%s: %d fields in %.1fs; mean IA %.2f (random %.2f, normalised %.3f), mean diversity %s",
+            report.label, s["fields"], report.seconds or 0.0, s["mean_overall_ia"], s["mean_overall_random_ia"],
+            s["mean_overall_ia_normalized"], "n/a" if s["mean_diversity"] != s["mean_diversity"] else f"{s['mean_diversity']:.3f}",
+        )
+        reports.append(report)
+    names = write_report(reports, args.output, overwrite=args.overwrite, plots=not args.no_plots)
+    print(f"wrote {args.output}: {', '.join(names)}")
+    print(f"open {join(args.output, 'report.html')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
