@@ -18,6 +18,7 @@ from trainer.collapse.gram import DEFAULT_CHUNK_ROWS
 from trainer.collapse.report import write_report
 from trainer.data.storage import filesystem, join
 from trainer.errors import UserError, run_cli
+from trainer.telemetry import Telemetry
 
 log = logging.getLogger("trainer.collapse")
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--band-rows", type=int, default=DEFAULT_BAND_ROWS, help="rows per checkpoint read (at least one stored chunk)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline tables")
     p.add_argument("--no-plots", action="store_true", help="write collapse.json and report.html without PNGs")
+    p.add_argument("--pushgateway", metavar="HOST:PORT", help="also push the collapse gauges to this Pushgateway")
+    p.add_argument("--run-id", help="the run label of pushed gauges (default: the checkpoint's run directory name)")
     args = p.parse_args(argv)
     if args.chunk_rows < 1 or args.band_rows < 1:
         raise UserError("--chunk-rows and --band-rows must be positive")
@@ -51,8 +54,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         reports.append(report)
     names = write_report(reports, args.output, overwrite=args.overwrite, plots=not args.no_plots)
+    if args.pushgateway:
+        for url, report in zip(args.checkpoint, reports):
+            telemetry = Telemetry(args.run_id or _run_name(url), pushgateway=args.pushgateway)
+            telemetry.record_collapse(report)
     print(f"wrote {args.output}: {', '.join(names)}")
     print(f"open {join(args.output, 'report.html')}")
+
+
+def _run_name(checkpoint_url: str) -> str:
+    """The run directory's name of ``RUN/checkpoints/step-N`` (or of ``RUN`` itself)."""
+    parts = [p for p in checkpoint_url.rstrip("/").split("/") if p]
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return parts[-3]
+    return parts[-1] if parts else "unknown"
 
 
 if __name__ == "__main__":
