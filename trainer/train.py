@@ -4,7 +4,7 @@ evaluate, checkpoint, stop early, test the best checkpoint, summarise.
 Every rank runs the same code. Training is cut into segments that end where
 something happens (an evaluation, a checkpoint, the end of an epoch): the
 pipeline drains at each segment end, so the data position saved in a
-checkpoint is exactly the number of batches trained.
+checkpoint is exactly the number of batches p.
 """
 
 from __future__ import annotations
@@ -111,7 +111,6 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
         self.identity = model_identity(config, self.schema)
         self.progress = Progress(world_size=ctx.world_size)
-        self._monitor_log: list[tuple[float, float]] = []  # (start, seconds) of each collapse measurement
         m = config.monitoring
         self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or posixpath.basename(run_dir.url.rstrip("/"))
         self.telemetry = (
@@ -322,7 +321,7 @@ class Trainer:
         t, p, ctx = self.config.train, self.progress, self.ctx
         self.model.train()
         window_loss, window_steps, window_rows, window_nan, window_start = 0.0, 0, 0, 0, time.perf_counter()
-        segment_start = window_start
+        segment_start, monitor_before = window_start, p.monitor_seconds
         while True:
             torch.manual_seed(step_seed(t.seed, ctx.rank, p.step))
             try:
@@ -344,7 +343,7 @@ class Trainer:
                 window_loss, window_steps, window_rows, window_nan, window_start = 0.0, 0, 0, 0, time.perf_counter()
         if window_steps:
             self._log_window(window_loss, window_steps, window_rows, window_nan, time.perf_counter() - window_start)
-        p.train_seconds += time.perf_counter() - segment_start - self._monitor_seconds_since(segment_start)
+        p.train_seconds += time.perf_counter() - segment_start - (p.monitor_seconds - monitor_before)
 
     def _log_window(self, loss: float, steps: int, rows: int, nan: int, seconds: float) -> None:
         """Combine a window of steps over ranks: log, record, and stop on a NaN loss."""
@@ -441,7 +440,6 @@ class Trainer:
         )
         seconds = time.perf_counter() - start
         self.progress.monitor_seconds += seconds
-        self._monitor_log.append((start, seconds))
         if report is None:  # not rank 0
             return
         record = {
@@ -474,9 +472,6 @@ class Trainer:
             seconds,
         )
 
-    def _monitor_seconds_since(self, start: float) -> float:
-        return sum(seconds for began, seconds in self._monitor_log if began >= start)
-
     # ---- the end --------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
@@ -485,7 +480,6 @@ class Trainer:
         if p.last_eval_step != p.step:  # stopped by max_steps after the last evaluation (or before any)
             self._evaluate_and_track()
             self.save()
-        trained = dataclasses.replace(p)
         best = checkpoint.join(self.run_dir.checkpoints, checkpoint.checkpoint_name(p.best_step))
         if p.best_step != p.step:
             self.restore(best, restore_progress=False)
@@ -499,14 +493,14 @@ class Trainer:
             "test_calibration": test["calibration"],
             "best_step": p.best_step,
             "best_checkpoint": best,
-            "steps": trained.step,
-            "epochs_completed": trained.epoch,
-            "stopped_early": trained.evals_without_improvement >= self.config.train.patience,
-            "train_examples": trained.examples,
-            "train_seconds": trained.train_seconds,
-            "train_examples_per_sec": trained.examples / max(trained.train_seconds, 1e-9),
-            "collapse_monitor_seconds": trained.monitor_seconds,
-            "collapse_monitor_overhead": trained.monitor_seconds / max(trained.train_seconds, 1e-9),
+            "steps": p.step,
+            "epochs_completed": p.epoch,
+            "stopped_early": p.evals_without_improvement >= self.config.train.patience,
+            "train_examples": p.examples,
+            "train_seconds": p.train_seconds,
+            "train_examples_per_sec": p.examples / max(p.train_seconds, 1e-9),
+            "collapse_monitor_seconds": p.monitor_seconds,
+            "collapse_monitor_overhead": p.monitor_seconds / max(p.train_seconds, 1e-9),
             "world_size": self.ctx.world_size,
             "device": self.ctx.device.type,
             "model": self.config.model.name,
