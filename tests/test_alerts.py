@@ -19,6 +19,7 @@ from trainer.collapse.gram import field_gram
 from trainer.collapse.metrics import CollapseReport, analyze_field
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.telemetry import Telemetry
+from trainer_fixtures import ok, tiny_dataset, train  # noqa: F401  (tiny_dataset: session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus"
@@ -165,3 +166,26 @@ def test_interaction_with_a_low_ia_field_collapses_a_field():
     assert trained == sorted(trained), trained
     assert trained[0] < 0.3 * trained[-1]
     assert all(r.partner_ia < results[-1].partner_ia for r in results[:-1])
+
+
+def test_training_job_pushes_its_metrics_to_a_real_pushgateway(prometheus_stack, tiny_dataset, tmp_path):
+    """The trainer's own export (rank 0, Pushgateway, grouping key run=<id>), read back
+    through Prometheus: validation metrics and per-field, per-set collapse gauges."""
+    gateway, prometheus = prometheus_stack
+    ok(train(f"data.path={tiny_dataset}", f"run.dir={tmp_path / 'run'}", "train.max_steps=6",
+             f"monitoring.pushgateway={gateway}", "monitoring.run_id=pushed-run"))  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    def scraped(query):
+        result = _get(f"{prometheus}/api/v1/query?query={query}")["data"]["result"]
+        return [r for r in result if r["metric"].get("run") == "pushed-run"]
+
+    ia = _wait_until(lambda: scraped("ctr_embedding_information_abundance"), 30, "the pushed IA gauges")
+    fields = json.loads((tiny_dataset / "schema.json").read_text())["sparse_fields"]
+    assert {(r["metric"]["field"], r["metric"]["set"]) for r in ia} == {
+        (f["name"], s) for f in fields for s in ("0", "1", "all")
+    }
+    auc = scraped("ctr_validation_auc")
+    assert len(auc) == 1 and 0.5 < float(auc[0]["value"][1]) <= 1.0
+    assert float(scraped("ctr_train_step")[0]["value"][1]) == summary["steps"]
+    assert scraped("ctr_last_success_timestamp_seconds") and scraped("ctr_train_examples_total")

@@ -168,7 +168,7 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     steps_per_epoch = len(loader)
     batch_rows = [b.labels.numel() for b in loader]
 
-    for name in ("config.yaml", "plan.txt", "metrics.jsonl", "summary.json", "summary.txt", "checkpoints"):
+    for name in ("config.yaml", "plan.txt", "metrics.jsonl", "collapse.jsonl", "summary.json", "summary.txt", "checkpoints"):
         assert (run_dir / name).exists(), f"{name} missing from the run directory"
     assert not [p.name for p in run_dir.rglob("*.tmp")], "temporary files left behind"
 
@@ -202,6 +202,19 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     assert all(r["rows"] == schema["splits"]["val"]["rows"] for r in vals), "every val row is scored"
     best = max(vals, key=lambda r: r["auc"])
     assert s["best_step"] == best["step"] and s["val_auc"] == pytest.approx(best["auc"], abs=1e-9)
+
+    # collapse monitoring ran at every evaluation, on every field and set, with sane values
+    collapse = [json.loads(line) for line in (run_dir / "collapse.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in collapse] == [r["step"] for r in vals]
+    dim = config["embedding"]["base_dim"]
+    for record in collapse:
+        assert sorted(record["fields"]) == sorted(fields)
+        for f in record["fields"].values():
+            assert len(f["set_ia"]) == 2 and all(1.0 <= ia <= dim + 1e-9 for ia in f["set_ia"])
+            assert all(0 < r < 1.5 for r in f["set_ia_ratio"])
+            assert 1.0 <= f["overall_ia"] <= 2 * dim + 1e-9
+            assert f["diversity"] is None or -1e-9 <= f["diversity"] <= 1 + 1e-9
+    assert s["collapse_monitor_seconds"] > 0 and s["collapse_monitor_overhead"] >= 0
 
     plan = (run_dir / "plan.txt").read_text()
     rows = {tuple(line.split()[:3]) for line in plan.splitlines()[2:]}
