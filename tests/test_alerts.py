@@ -189,3 +189,31 @@ def test_training_job_pushes_its_metrics_to_a_real_pushgateway(prometheus_stack,
     assert len(auc) == 1 and 0.5 < float(auc[0]["value"][1]) <= 1.0
     assert float(scraped("ctr_train_step")[0]["value"][1]) == summary["steps"]
     assert scraped("ctr_last_success_timestamp_seconds") and scraped("ctr_train_examples_total")
+
+    # the offline monitor pushes the same gauges for a checkpoint, under its own run label
+    offline = subprocess.run(
+        [sys.executable, "-m", "trainer.collapse", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "report"),
+         "--no-plots", "--pushgateway", gateway, "--run-id", "offline-run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+
+    def offline_ia():
+        result = _get(f"{prometheus}/api/v1/query?query=ctr_embedding_information_abundance")["data"]["result"]
+        return {(r["metric"]["field"], r["metric"]["set"]): float(r["value"][1]) for r in result if r["metric"]["run"] == "offline-run"}
+
+    measured = _wait_until(offline_ia, 30, "the offline monitor's gauges")
+    online = {(r["metric"]["field"], r["metric"]["set"]): float(r["value"][1]) for r in ia}
+    assert measured.keys() == online.keys()
+    # the final checkpoint holds the weights the job measured at its last evaluation
+    assert all(abs(measured[k] - online[k]) < 1e-6 * max(1.0, online[k]) for k in online)
+
+
+def test_metrics_are_served_on_a_metrics_port():
+    port = _free_port()
+    telemetry = Telemetry("served-run", metrics_port=port)
+    telemetry.record_train(7, loss=0.25, examples=100, examples_per_second=50.0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'ctr_train_loss{run="served-run"} 0.25' in text
+    assert 'ctr_train_examples_total{run="served-run"} 100.0' in text
