@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=300_000, help="synthetic rows (default 300,000)")
+    p.add_argument("--rows", type=int, default=800_000, help="synthetic rows (default 800,000)")
     p.add_argument("--run-dir", default="runs/demo", help="where everything is written (replaced each run)")
     p.add_argument("--config", default="configs/synthetic_me.yaml", help="training config")
     p.add_argument("--nproc", type=int, default=2, help="training ranks (torchx -j 1xN)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs (1 keeps the demo within minutes on 2 CPU cores)")
     args = p.parse_args(argv)
     run_dir = (ROOT / args.run_dir).resolve()
     raw, dataset, train_dir = run_dir / "synthetic.tsv", run_dir / "dataset", run_dir / "train"
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
 
     command = [
         "torchx", "run", "-s", "local_cwd", "dist.ddp", "-j", f"1x{args.nproc}", "--script", "trainer/main.py", "--",
-        "--config", args.config, "--resume", "never", "--set", f"data.path={dataset}", f"run.dir={train_dir}",
+        "--config", args.config, "--resume", "never",
+        "--set", f"data.path={dataset}", f"run.dir={train_dir}", f"train.epochs={args.epochs}",
     ]  # fmt: skip
     print(f"[3/3] train on {args.nproc} ranks through torchx:\n      {shlex.join(command)}", flush=True)
     if train_dir.exists():
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Everything is in {run_dir}:")
     print(f"  synthetic.tsv{{,.truth.parquet,.oracle.json}}  raw rows, true click probabilities, oracle report")
     print(f"  dataset/                                    prepared parquet splits, vocabularies, schema.json")
-    print(f"  train/                                      config.yaml, plan.txt, metrics.jsonl, checkpoints/, summary.json")
+    print(f"  train/                                      config.yaml, plan.txt, metrics.jsonl, collapse.jsonl, checkpoints/, summary.json")
+    print(f"Collapse report of the trained model: .venv/bin/python -m trainer.collapse --checkpoint {train_dir} --output {run_dir / 'collapse'}")
 
 
 if __name__ == "__main__":
