@@ -2,10 +2,16 @@
 
 Rows arrive in batches; each split is spread over ``files_per_split`` part
 files (so ranks and readers can share them out) with row groups of
-``row_group_rows`` rows, the unit the loader reads.
+``row_group_rows`` rows, the unit the loader reads. Row groups are encoded and
+compressed in background threads (pyarrow releases the GIL), several part
+files at once; each file still gets its row groups in order.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +19,9 @@ import pyarrow.parquet as pq
 
 from trainer.data.schema import DENSE_COLUMN, LABEL_COLUMN, SPLITS, SplitInfo
 from trainer.data.storage import filesystem, join
+
+_WRITE_THREADS = 2
+_IN_FLIGHT = _WRITE_THREADS  # row groups handed to the threads and not yet written: bounds memory
 
 
 def make_table(
@@ -38,7 +47,9 @@ def make_table(
 
 
 class _PartFile:
-    def __init__(self, url: str, schema: pa.Schema, row_group_rows: int):
+    """One part file: buffers appended rows and writes a row group through ``submit`` when one is full."""
+
+    def __init__(self, url: str, schema: pa.Schema, row_group_rows: int, submit: Callable[..., Future]):
         fs, path = filesystem(url)
         self._file = fs.open(path, "wb")
         # ids and labels repeat (dictionary encoding pays); float columns don't
@@ -47,6 +58,8 @@ class _PartFile:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._row_group_rows = row_group_rows
+        self._submit = submit
+        self._last: Future | None = None  # this file's latest row group write
         self.rows = 0
 
     def append(self, table: pa.Table) -> None:
@@ -58,11 +71,20 @@ class _PartFile:
 
     def _flush(self) -> None:
         if self._pending_rows:
-            self._writer.write_table(pa.concat_tables(self._pending).combine_chunks(), row_group_size=self._row_group_rows)
+            self._last = self._submit(self._write_row_group, self._last, self._pending)
         self._pending, self._pending_rows = [], 0
+
+    def _write_row_group(self, previous: Future | None, tables: list[pa.Table]) -> None:
+        row_group = pa.concat_tables(tables).combine_chunks()
+        tables.clear()  # the pieces are copied: free them now rather than when this write is done
+        if previous is not None:
+            previous.result()  # row groups of one file go in order
+        self._writer.write_table(row_group, row_group_size=self._row_group_rows)
 
     def close(self) -> None:
         self._flush()
+        if self._last is not None:
+            self._last.result()
         self._writer.close()
         self._file.close()
 
@@ -75,6 +97,18 @@ class DatasetWriter:
         self.files_per_split = files_per_split
         self.row_group_rows = row_group_rows
         self._parts: dict[str, list[_PartFile]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: deque[Future] = deque()
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> Future:
+        """Run ``fn(*args)`` in a write thread, first waiting while too many row groups are in flight."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="dataset-writer")
+        while len(self._in_flight) >= _IN_FLIGHT or (self._in_flight and self._in_flight[0].done()):
+            self._in_flight.popleft().result()  # re-raises a failed write
+        future = self._pool.submit(fn, *args)
+        self._in_flight.append(future)
+        return future
 
     def write(self, split: str, table: pa.Table) -> None:
         """Append ``table`` (from ``make_table``) to ``split``, a row group's worth at a time to its smallest part file."""
@@ -86,7 +120,9 @@ class DatasetWriter:
             fs, path = filesystem(join(self.root_url, split))
             fs.makedirs(path, exist_ok=True)
             parts = [
-                _PartFile(join(self.root_url, split, f"part-{i:05d}.parquet"), table.schema, self.row_group_rows)
+                _PartFile(
+                    join(self.root_url, split, f"part-{i:05d}.parquet"), table.schema, self.row_group_rows, self._submit
+                )
                 for i in range(self.files_per_split)
             ]
             self._parts[split] = parts
@@ -95,6 +131,13 @@ class DatasetWriter:
 
     def close(self) -> dict[str, SplitInfo]:
         """Finish every file; returns the split infos for ``schema.json``. Empty splits have no files."""
+        for parts in self._parts.values():
+            for p in parts:
+                p._flush()
+        while self._in_flight:
+            self._in_flight.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown()
         infos = {}
         for split in SPLITS:
             parts = self._parts.get(split, [])
