@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 from trainer.collapse import analyze_field, field_gram, random_gram
 from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, clear_baseline_cache
 from trainer.collapse.metrics import ia_of_singular_values
+from bench.machine import describe
 
 
 class NpyRows:
@@ -133,17 +133,6 @@ def gemm_gflops(chunk_rows: int, cols: int, repeats: int = 20) -> float:
     return 2 * chunk_rows * cols * cols * repeats / (time.perf_counter() - t) / 1e9
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2_000_000)
@@ -155,8 +144,7 @@ def main() -> None:
     args = p.parse_args()
     cols = args.sets * args.dim
     size_gb = args.sets * args.rows * args.dim * 4 / 1e9
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes may share the cores)")
+    print(f"machine: {describe()}, torch threads {torch.get_num_threads()}")
     print(f"table: {args.sets} set(s) x {args.rows:,} rows x {args.dim} dims float32 = {size_gb:.2f} GB on disk; "
           f"chunk {args.chunk_rows:,} rows ({args.chunk_rows * cols * 8 / 2**20:.1f} MiB float64)")
     root = args.dir or tempfile.mkdtemp(prefix="bench_collapse_")

@@ -20,6 +20,7 @@ import numpy as np
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, SparseField, write_schema
 from trainer.data.writer import DatasetWriter, make_table
+from bench.machine import describe
 
 # I1-I13 as tokens (floor(ln(v)^2) buckets), then C1-C26 (Criteo Kaggle distinct counts)
 CARDINALITIES = [50, 100, 120, 60, 200, 90, 80, 60, 110, 8, 40, 40, 60] + [
@@ -47,17 +48,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def run(root: str, config: LoaderConfig, rank: int, world_size: int) -> None:
     loader = CTRDataLoader(root, "train", config, rank=rank, world_size=world_size)
     rows = 0
@@ -79,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--no-prefetch", action="store_true", help="read windows in the main thread")
     args = parser.parse_args(argv)
-    print(f"machine: {cpu_model()}, os.cpu_count()={os.cpu_count()}")
+    print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as root:
         t0 = time.perf_counter()
         build_dataset(root, args.rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,9 @@ import numpy as np
 
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.data.synthetic import SyntheticConfig, generate
+from bench.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def toy() -> None:
@@ -75,7 +70,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     toy()
     se_vs_me(args.rows, args.epochs)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ _RUN = """
 import json, resource, sys, time
 from bench.bench_preprocess import busy_seconds
 from trainer.data.preprocess import PreprocessConfig, preprocess
+from bench.machine import describe
 wall, cpu, busy = time.perf_counter(), time.process_time(), busy_seconds()
 schema = preprocess(PreprocessConfig(dataset="criteo", input=sys.argv[1], output=sys.argv[2], progress=False))
 print(json.dumps({
@@ -36,17 +36,6 @@ print(json.dumps({
     "ids": sum(f.cardinality for f in schema.sparse_fields),
 }))
 """
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, load average {load} (other processes may share them)"
 
 
 def busy_seconds() -> float:
@@ -69,7 +58,7 @@ def main() -> None:
     p.add_argument("--rows", default="1000000,5000000", help="comma-separated row counts (default 1000000,5000000)")
     args = p.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(
         f"{'rows':>10} {'input MB':>9} {'seconds':>8} {'rows/s wall':>12} {'rows/s CPU':>11} {'peak MiB':>9} "
         f"{'output MB':>10} {'ids':>9} {'others':>7}"
