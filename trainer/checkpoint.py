@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -37,7 +37,8 @@ class CheckpointInfo:
 
 
 def list_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
-    """Complete checkpoints under ``ckpt_dir``, oldest first (temporary ones are skipped)."""
+    """Complete checkpoints under ``ckpt_dir``, oldest first (temporary ones, and any without
+    ``meta.json``, e.g. left by an interrupted copy on an object store, are skipped)."""
     fs, path = filesystem(ckpt_dir)
     if not fs.exists(path):
         return []
@@ -45,7 +46,7 @@ def list_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         match = _NAME.match(name)
-        if match:
+        if match and fs.exists(f"{path.rstrip('/')}/{name}/{META}"):  # meta.json is the commit marker
             found.append(CheckpointInfo(join(ckpt_dir, name), int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
 
@@ -66,22 +67,24 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) 
     final = join(ckpt_dir, checkpoint_name(step))
     tmp = final + ".tmp"
     fs, tmp_path = filesystem(tmp)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+
+    def prepare() -> None:
         if fs.exists(tmp_path):
             fs.rm(tmp_path, recursive=True)  # left by a crashed save
         fs.makedirs(tmp_path, exist_ok=True)
-    _barrier()
-    dcp.save(state, checkpoint_id=tmp)
-    _barrier()
-    if rank == 0:
+
+    def commit() -> None:
         with fs.open(join(tmp_path, META), "w") as f:
             json.dump(meta, f, indent=2)
         final_path = filesystem(final)[1]
         if fs.exists(final_path):
             fs.rm(final_path, recursive=True)
         fs.mv(tmp_path, final_path, recursive=True)
+
+    on_rank0(prepare)
+    dcp.save(state, checkpoint_id=tmp)
     _barrier()
+    on_rank0(commit)
     return final
 
 
@@ -116,13 +119,34 @@ def _first_error_line(e: BaseException) -> str:
 
 
 def prune(ckpt_dir: str, keep: set[int]) -> None:
-    """Remove complete checkpoints whose step is not in ``keep`` (rank 0 only)."""
-    if dist.is_initialized() and dist.get_rank() != 0:
+    """Remove complete checkpoints whose step is not in ``keep`` (collective; rank 0 removes)."""
+
+    def remove() -> None:
+        fs = filesystem(ckpt_dir)[0]
+        for info in list_checkpoints(ckpt_dir):
+            if info.step not in keep:
+                fs.rm(filesystem(info.url)[1], recursive=True)
+
+    on_rank0(remove)
+
+
+def on_rank0(work: Callable[[], None]) -> None:
+    """Run ``work`` on rank 0 and make every rank raise if it failed (collective): a failure
+    on rank 0 alone must not leave the other ranks waiting in the next collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        work()
         return
-    fs = filesystem(ckpt_dir)[0]
-    for info in list_checkpoints(ckpt_dir):
-        if info.step not in keep:
-            fs.rm(filesystem(info.url)[1], recursive=True)
+    outcome: list[BaseException | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as e:  # handed to every rank below
+            outcome[0] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if dist.get_rank() == 0:
+            raise outcome[0]
+        raise UserError(f"rank 0 failed: {type(outcome[0]).__name__}: {outcome[0]}")
 
 
 def _barrier() -> None:

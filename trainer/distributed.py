@@ -73,6 +73,8 @@ def init_distributed(device_choice: str = "auto") -> DistContext:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     else:
         init_method, rank, world_size = f"tcp://127.0.0.1:{_free_port()}", 0, 1
+    if use_cuda and "LOCAL_RANK" not in os.environ:  # a launcher that sets RANK but not LOCAL_RANK
+        local_rank = int(os.environ.get("RANK", 0)) % torch.cuda.device_count()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -28,7 +28,7 @@ from trainer import checkpoint
 from trainer.config import load_config
 from trainer.distributed import init_distributed, shutdown
 from trainer.errors import UserError, run_cli
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, format_summary
 from trainer.train import Trainer
 
 log = logging.getLogger("trainer")
@@ -63,16 +63,18 @@ def main(argv: list[str] | None = None) -> None:
             trainer.restore(args.resume)
         elif args.resume == "auto" and existing:
             trainer.restore(existing[-1].url)
-        if ctx.is_main:  # only now: a refused config or checkpoint leaves the run directory as it was
+
+        def write_run_dir() -> None:  # only now: a refused config or checkpoint leaves the run directory as it was
             run_dir.create()
             run_dir.write_config(config)
             run_dir.write_text("plan.txt", trainer.plan_text)
-        ctx.barrier()
+
+        checkpoint.on_rank0(write_run_dir)
         _fault_injection(trainer)
         trainer.fit()
         summary = trainer.finish()
         if ctx.is_main:
-            print((Path(run_dir.path) / "summary.txt").read_text() if run_dir.fs.protocol in ("file", ("file", "local")) else summary)
+            print(format_summary(summary, run_dir.url))
     finally:
         shutdown()
 

@@ -80,6 +80,7 @@ class Progress:
     evals_without_improvement: int = 0
     last_eval_step: int = -1  # the step of the latest validation
     monitor_seconds: float = 0.0  # time spent on collapse monitoring (not in train_seconds)
+    batch_size: int = 0  # per-rank batch size the position was counted in (0: written before it was recorded)
     world_size: int = 1
 
 
@@ -110,7 +111,8 @@ class Trainer:
         if ctx.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
         self.identity = model_identity(config, self.schema)
-        self.progress = Progress(world_size=ctx.world_size)
+        self.progress = Progress(world_size=ctx.world_size, batch_size=config.train.batch_size)
+        self._last_collapse_step = -1
         m = config.monitoring
         self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or posixpath.basename(run_dir.url.rstrip("/"))
         self.telemetry = (
@@ -244,10 +246,12 @@ class Trainer:
         if not restore_progress:
             return
         saved = Progress(**meta["progress"])
-        if saved.world_size != self.ctx.world_size:
-            # the epoch's data order depends on the world size: continue at the same fraction of the epoch
-            done = saved.step_in_epoch * self.config.train.batch_size * saved.world_size
-            saved.step_in_epoch = min(done // (self.config.train.batch_size * self.ctx.world_size), len(self.train_loader))
+        batch_size = self.config.train.batch_size
+        saved_batch_size = saved.batch_size or batch_size
+        if saved.world_size != self.ctx.world_size or saved_batch_size != batch_size:
+            # the epoch's data order depends on world size and batch size: continue at the same share of the epoch
+            done = saved.step_in_epoch * saved_batch_size * saved.world_size
+            saved.step_in_epoch = min(done // (batch_size * self.ctx.world_size), len(self.train_loader))
             log.warning(
                 "resuming a %d-rank checkpoint on %d ranks: the tables are resharded; epoch %d continues at step %d "
                 "(the same share of the epoch, not the same rows)",
@@ -256,9 +260,10 @@ class Trainer:
                 saved.epoch,
                 saved.step_in_epoch,
             )
-            saved.world_size = self.ctx.world_size
-        if not self._in_run_dir(url):
-            # its best checkpoint belongs to another run directory: track the best afresh here
+            saved.world_size, saved.batch_size = self.ctx.world_size, batch_size
+        kept = {c.step for c in checkpoint.list_checkpoints(self.run_dir.checkpoints)}
+        if not self._in_run_dir(url) or saved.best_step not in kept:
+            # its best checkpoint is in another run directory or gone (pruned later): track the best afresh
             saved.best_val_auc, saved.best_step, saved.evals_without_improvement = -math.inf, -1, 0
             saved.last_eval_step = -1
         self.progress = saved
@@ -300,10 +305,10 @@ class Trainer:
             for stop in self._boundaries(steps_per_epoch):
                 self._train_segment(itertools.islice(batches, stop - p.step_in_epoch))
                 end_of_epoch = p.step_in_epoch == steps_per_epoch
-                if end_of_epoch or (t.eval_every_steps and p.step % t.eval_every_steps == 0):
+                if end_of_epoch or (t.eval_every_steps and p.step % t.eval_every_steps == 0) or self._at_max_steps():
                     self._evaluate_and_track()
                     self.save()
-                elif (t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0) or self._at_max_steps():
+                elif t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0:
                     self.save()
                 if self._should_stop():
                     break
@@ -410,7 +415,7 @@ class Trainer:
         p = self.progress
         metrics = self.evaluate("val")
         self.monitor_collapse()
-        improved = metrics["auc"] > p.best_val_auc
+        improved = metrics["auc"] > p.best_val_auc or p.best_step < 0  # the first evaluation is the best so far
         p.last_eval_step = p.step
         if improved:
             p.best_val_auc, p.best_step, p.evals_without_improvement = metrics["auc"], p.step, 0
@@ -434,6 +439,9 @@ class Trainer:
         """IA and set diversity of every field, from the live sharded tables (collective: each
         rank reduces its own shards, only Gram matrices cross the wire). Rank 0 records them in
         ``collapse.jsonl`` and exports them."""
+        if self._last_collapse_step == self.progress.step:  # an evaluation step that is also a monitoring step
+            return
+        self._last_collapse_step = self.progress.step
         start = time.perf_counter()
         report = analyze_sharded_model(
             self.model, dst=0, step=self.progress.step, label=self.run_id, embedding=dataclasses.asdict(self.config.embedding)

@@ -131,13 +131,15 @@ class DatasetWriter:
 
     def close(self) -> dict[str, SplitInfo]:
         """Finish every file; returns the split infos for ``schema.json``. Empty splits have no files."""
-        for parts in self._parts.values():
-            for p in parts:
-                p._flush()
-        while self._in_flight:
-            self._in_flight.popleft().result()
-        if self._pool is not None:
-            self._pool.shutdown()
+        try:
+            for parts in self._parts.values():
+                for p in parts:
+                    p._flush()
+            while self._in_flight:
+                self._in_flight.popleft().result()  # re-raises a failed write
+        finally:  # no thread may still be writing when the caller cleans up after a failure
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         infos = {}
         for split in SPLITS:
             parts = self._parts.get(split, [])
