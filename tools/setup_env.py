@@ -19,13 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_accelerator_pins() -> dict[str, str]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "tomli"], check=True)
-        import tomli as tomllib
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["tool"]["ctr"]["accelerator"]
+    """``[tool.ctr.accelerator]`` of pyproject.toml (plain ``key = "value"`` lines, so no TOML
+    library is needed on Python 3.10)."""
+    pins: dict[str, str] = {}
+    section = None
+    for line in (ROOT / "pyproject.toml").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[tool.ctr.accelerator]" and "=" in line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            pins[key] = value.strip('"')
+    return pins
 
 
 def detect_accelerator() -> str:
@@ -52,7 +57,12 @@ def install_debian_packages() -> None:
         print(f"setup: Debian packages {missing} are missing and this is not root with apt-get: "
               "the Prometheus tests will fail until they are installed", flush=True)
         return
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    install_debian(*missing)
+
+
+def install_debian(*packages: str) -> None:
+    """``apt-get install`` (refreshing the package lists once if that fails)."""
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     print("+", " ".join(install), flush=True)
     if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
@@ -72,9 +82,13 @@ def main() -> None:
     accelerator = detect_accelerator()
     print(f"setup: building {venv} for {accelerator}", flush=True)
     if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        if subprocess.run([sys.executable, "-m", "venv", str(venv)]).returncode != 0:
+            install_debian("python3-venv")  # Debian/Ubuntu ship venv's ensurepip separately
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     fbgemm = pins["fbgemm_cuda"] if accelerator == "cuda" else pins["fbgemm_cpu"]
-    pip(venv, f"torch=={pins['torch']}", fbgemm)
+    # e.g. CTR_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, where PyPI's default torch is the CUDA build
+    index = ["--extra-index-url", os.environ["CTR_TORCH_INDEX_URL"]] if os.environ.get("CTR_TORCH_INDEX_URL") else []
+    pip(venv, *index, f"torch=={pins['torch']}", fbgemm)
     pip(venv, "--no-deps", f"torchrec=={pins['torchrec']}")
     pip(venv, "-e", f"{ROOT}[dev]")
     install_debian_packages()
