@@ -53,6 +53,8 @@ def list_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
 
 def read_meta(url: str) -> dict[str, Any]:
     fs, path = filesystem(join(url, META))
+    if not fs.exists(filesystem(url)[1]):
+        raise UserError(f"checkpoint not found: {url}")
     if not fs.exists(path):
         raise UserError(f"checkpoint {url} is incomplete: it has no {META} (not written by a finished save)")
     try:
@@ -88,18 +90,17 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) 
     return final
 
 
-def load(url: str, state: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint in place into ``state`` (every rank); returns its meta. Clear errors, never a silent restart."""
+def load(url: str, state: dict[str, Any]) -> None:
+    """Load a checkpoint in place into ``state`` (every rank; check ``read_meta`` first). Clear
+    errors, never a silent restart."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise UserError(f"checkpoint not found: {url}")
-    meta = read_meta(url)
     try:
         dcp.load(state, checkpoint_id=url)
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank read errors in a BaseException
         first = _first_error_line(e)
         raise UserError(f"checkpoint {url} is corrupt or does not match this model: {first[:500]}") from None
-    return meta
 
 
 def _first_error_line(e: BaseException) -> str:

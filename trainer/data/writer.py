@@ -82,9 +82,7 @@ class _PartFile:
         self._writer.write_table(row_group, row_group_size=self._row_group_rows)
 
     def close(self) -> None:
-        self._flush()
-        if self._last is not None:
-            self._last.result()
+        """Close the file; ``DatasetWriter.close`` has flushed it and waited for its writes."""
         self._writer.close()
         self._file.close()
 

@@ -21,6 +21,13 @@ EMBEDDING_MODES = ("se", "me")
 PAPER_SCALES = (1, 2, 3, 4, 10)
 
 
+def _require_positive_ints(config: object, section: str, names: tuple[str, ...], hint: str = "") -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{section} {name} {value!r}: expected a positive integer{hint}")
+
+
 @dataclass(frozen=True)
 class EmbeddingConfig:
     """``mode``: ``"se"`` or ``"me"``; ``scale``: the paper's k (1, 2, 3, 4, 10);
@@ -33,10 +40,7 @@ class EmbeddingConfig:
     def __post_init__(self) -> None:
         if self.mode not in EMBEDDING_MODES:
             raise UserError(f"embedding mode {self.mode!r}: expected one of {list(EMBEDDING_MODES)}")
-        for name in ("scale", "base_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"embedding {name} {value!r}: expected a positive integer (paper scales: {list(PAPER_SCALES)})")
+        _require_positive_ints(self, "embedding", ("scale", "base_dim"), f" (paper scales: {list(PAPER_SCALES)})")
 
     @property
     def num_sets(self) -> int:
@@ -65,9 +69,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in INTERACTIONS:
             raise UserError(f"model {self.name!r}: expected one of {sorted(INTERACTIONS)}")
-        for name in ("hidden", "cross_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"model {name} {value!r}: expected a positive integer")
+        _require_positive_ints(self, "model", ("hidden", "cross_layers"))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model dropout {self.dropout!r}: expected a probability in [0, 1)")
