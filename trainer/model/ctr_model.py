@@ -130,7 +130,18 @@ class MultiEmbeddingCTR(nn.Module):
         Returns:
             torch.Tensor: logits, (B,).
         """
-        embeddings = self.sparse_arch(features)  # (M, B, F, K)
+        return self.forward_embeddings(self.sparse_arch(features))
+
+    def forward_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Everything after the lookup: the dense part that runs data-parallel, and the part
+        a serving export traces (``torch.export``, dynamic batch).
+
+        Args:
+            embeddings (torch.Tensor): (M, B, F, K), the M sets' field embeddings.
+
+        Returns:
+            torch.Tensor: logits, (B,).
+        """
         # indexed by set, not iterated, so that torch.fx (TrainPipelineSparseDist) can trace it
         fused = torch.stack(
             [
