@@ -6,6 +6,7 @@
     RUN/collapse.jsonl   IA, IA / random IA and set diversity per field, per measurement
     RUN/checkpoints/     DCP checkpoints (latest and best)
     RUN/summary.json     the outcome; RUN/summary.txt the same for people
+    RUN/test_predictions.parquet  logit and label of every test row (split order), best checkpoint
 
 Files are written by rank 0, each under a temporary name and renamed.
 """
@@ -16,6 +17,9 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from trainer import configlib
@@ -39,6 +43,14 @@ class RunDir:
         target = join(self.path, name)
         with self.fs.open(target + ".tmp", "w") as f:
             f.write(text)
+        self.fs.mv(target + ".tmp", target)
+
+    def write_predictions(self, name: str, logits: np.ndarray, labels: np.ndarray) -> None:
+        """``name``: a parquet file of ``logit`` (float32) and ``label`` (int8), one row per scored row."""
+        table = pa.table({"logit": pa.array(logits, pa.float32()), "label": pa.array(labels.astype(np.int8))})
+        target = join(self.path, name)
+        with self.fs.open(target + ".tmp", "wb") as f:
+            pq.write_table(table, f)
         self.fs.mv(target + ".tmp", target)
 
     def write_config(self, config: Any) -> None:

@@ -388,12 +388,20 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Exact metrics of ``split`` over all its rows (every rank scores its part)."""
+        start = time.perf_counter()
+        logits, labels = self.score(split)
+        metrics = binary_metrics(logits, labels)
+        metrics["seconds"] = time.perf_counter() - start
+        return metrics
+
+    def score(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and labels, (N,) each, of every row of ``split`` in the split's row order
+        (unshuffled loaders: rank r holds the r-th contiguous part, gathered in rank order)."""
         loader = self.eval_loaders[split]
         self._sync_buffers()
         self.model.eval()
         logits, labels = [], []
         batches = iter(loader)
-        start = time.perf_counter()
         with torch.no_grad():
             while True:
                 try:
@@ -405,11 +413,9 @@ class Trainer:
         self.model.train()
         all_logits = gather(torch.cat(logits).float())
         all_labels = gather(torch.cat(labels).float())
-        metrics = binary_metrics(all_logits, all_labels)
-        metrics["seconds"] = time.perf_counter() - start
-        if metrics["rows"] != loader.num_rows:
-            raise RuntimeError(f"evaluated {metrics['rows']} rows of {split}, expected {loader.num_rows}")
-        return metrics
+        if len(all_logits) != loader.num_rows:
+            raise RuntimeError(f"evaluated {len(all_logits)} rows of {split}, expected {loader.num_rows}")
+        return all_logits, all_labels
 
     def _evaluate_and_track(self) -> None:
         p = self.progress
@@ -491,7 +497,11 @@ class Trainer:
         best = checkpoint.join(self.run_dir.checkpoints, checkpoint.checkpoint_name(p.best_step))
         if p.best_step != p.step:
             self.restore(best, restore_progress=False)
-        val, test = self.evaluate("val"), self.evaluate("test")
+        val = self.evaluate("val")
+        test_logits, test_labels = self.score("test")
+        test = binary_metrics(test_logits, test_labels)
+        if self.ctx.is_main:
+            self.run_dir.write_predictions("test_predictions.parquet", test_logits, test_labels)
         oracle = self.schema.recipe.get("oracle", {}).get("test") or {}
         summary = {
             "val_auc": val["auc"],
