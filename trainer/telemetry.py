@@ -1,6 +1,7 @@
 """Training and collapse metrics for Prometheus, from rank 0.
 
-Pushed to a Pushgateway (job ``ctr_trainer``, grouping key ``run=<run id>``)
+Pushed to a Pushgateway (job ``ctr_trainer``, or ``ctr_collapse_monitor`` for the
+offline monitor, so that neither replaces the other's group; grouping key ``run=<run id>``)
 and/or served on ``/metrics``. Names follow Prometheus conventions (base
 units, ``_total`` for counters, ``_seconds``/``_timestamp_seconds``):
 
@@ -29,12 +30,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
 log = logging.getLogger("trainer.telemetry")
 JOB = "ctr_trainer"
+MONITOR_JOB = "ctr_collapse_monitor"
 
 
 class Telemetry:
-    def __init__(self, run_id: str, pushgateway: str = "", metrics_port: int = 0):
+    def __init__(self, run_id: str, pushgateway: str = "", metrics_port: int = 0, job: str = JOB):
         self.run_id = run_id
         self.pushgateway = pushgateway
+        self.job = job  # the Pushgateway group is (job, run): a push replaces only its own group
         self.registry = CollectorRegistry()
         r, run = self.registry, ["run"]
         self.loss = Gauge("ctr_train_loss", "Mean training loss of the last log window", run, registry=r)
@@ -97,7 +100,7 @@ class Telemetry:
         if not self.pushgateway:
             return
         try:
-            push_to_gateway(self.pushgateway, job=JOB, registry=self.registry, grouping_key={"run": self.run_id}, timeout=5)
+            push_to_gateway(self.pushgateway, job=self.job, registry=self.registry, grouping_key={"run": self.run_id}, timeout=5)
         except OSError as e:
             if not self._warned:
                 log.warning("cannot push metrics to the Pushgateway at %s (%s); training goes on", self.pushgateway, e)

@@ -18,12 +18,13 @@ from trainer.collapse.gram import DEFAULT_CHUNK_ROWS
 from trainer.collapse.report import write_report
 from trainer.data.storage import filesystem, join
 from trainer.errors import UserError, run_cli
-from trainer.telemetry import Telemetry
+from trainer.telemetry import MONITOR_JOB, Telemetry
 
 log = logging.getLogger("trainer.collapse")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (also used by tests/test_deploy.py to check the Kubernetes CronJob's flags)."""
     p = argparse.ArgumentParser(prog="python -m trainer.collapse", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", required=True, metavar="PATH_OR_URL",
                    help="a checkpoint dir, or a run dir (its latest checkpoint); repeat to compare models")
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-plots", action="store_true", help="write collapse.json and report.html without PNGs")
     p.add_argument("--pushgateway", metavar="HOST:PORT", help="also push the collapse gauges to this Pushgateway")
     p.add_argument("--run-id", help="the run label of pushed gauges (default: the checkpoint's run directory name)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.chunk_rows < 1 or args.band_rows < 1:
         raise UserError("--chunk-rows and --band-rows must be positive")
     fs, out_path = filesystem(args.output)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     names = write_report(reports, args.output, overwrite=args.overwrite, plots=not args.no_plots)
     if args.pushgateway:
         for url, report in zip(args.checkpoint, reports):
-            telemetry = Telemetry(args.run_id or _run_name(url), pushgateway=args.pushgateway)
+            telemetry = Telemetry(args.run_id or _run_name(url), pushgateway=args.pushgateway, job=MONITOR_JOB)
             telemetry.record_collapse(report)
     print(f"wrote {args.output}: {', '.join(names)}")
     print(f"open {join(args.output, 'report.html')}")
