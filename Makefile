@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench sweep-small clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The paper's scaling sweep in miniature (configs/sweeps/small.yaml): synthetic data, seven
+# models x SE/ME x 1/2/4x; report in runs/sweep_small/table.md. Rerun it to resume.
+sweep-small: setup
+	test -e runs/sweep_small/dataset/schema.json || $(PY) -m trainer.data.synthetic --rows 40000 \
+		--cardinality-scale 0.002 --format parquet --output runs/sweep_small/dataset
+	$(PY) -m pipelines.sweep --spec configs/sweeps/small.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,13 +3,14 @@
 ``sweep``: the paper's scaling sweep (``python -m pipelines.sweep``) as one job::
 
     torchx run -s local_cwd pipelines/components.py:sweep --spec configs/sweeps/small.yaml
-    torchx run -s kubernetes pipelines/components.py:sweep --spec configs/sweeps/paper.yaml \\
-        --image REGISTRY/ctr-multiembed:TAG --gpu 8 --mounts type=volume,src=sweeps,dst=/runs \\
-        --output /runs/paper -- --models dcnv2,dnn
+    torchx run -s kubernetes pipelines/components.py:sweep --spec /runs/paper.yaml \\
+        --image REGISTRY/ctr-multiembed:TAG --gpu 8 --memMB 200000 --max_retries 3 \\
+        --mounts type=volume,src=sweeps,dst=/runs --output /runs/paper -- --models dcnv2,dnn
 
-The sweep runs its cells one after the other on the job's host (``launcher.nproc`` ranks
-each, through ``torchrun --standalone``), so the job asks for one host with that many GPUs.
-It resumes where it stopped, so ``--max_retries`` makes a preempted job carry on.
+The sweep trains its cells on the job's one host (``launcher.nproc`` ranks each through
+``torchrun --standalone``, ``launcher.parallel`` cells at a time), so the job asks for one
+host with ``nproc * parallel`` GPUs. It resumes where it stopped, so ``--max_retries``
+makes a preempted job carry on.
 """
 
 from typing import Dict, List, Optional
@@ -46,7 +47,7 @@ def sweep(
         image: the image with this repository installed
         name: the job name
         cpu: CPUs of the host
-        gpu: GPUs of the host (the spec's ``launcher.nproc``)
+        gpu: GPUs of the host (the spec's ``launcher.nproc`` times ``launcher.parallel``)
         memMB: memory of the host in MB (set it: on Kubernetes a missing value becomes 0)
         h: a registered named resource (takes precedence over cpu, gpu and memMB)
         env: environment variables, e.g. ``CTR_PUSHGATEWAY=host:9091``

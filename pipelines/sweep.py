@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -87,15 +86,21 @@ class LauncherSpec:
     --standalone --nproc-per-node N`` (one node; ``train.batch_size`` is per rank).
     ``max_restarts``: torchrun's ``--max-restarts`` (a restarted job resumes by itself).
     ``timeout_minutes``: a cell running longer is stopped and counted failed (0: no limit).
+    ``parallel``: cells trained at once. On a CUDA host each gets its own ``nproc`` GPUs
+    (``CUDA_VISIBLE_DEVICES``), so ``parallel * nproc`` may not exceed the GPUs there:
+    ``{nproc: 1, parallel: 8}`` trains eight one-GPU cells side by side on an 8-GPU host.
     """
 
     nproc: int = 1
     max_restarts: int = 0
     timeout_minutes: float = 0.0
+    parallel: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.nproc, bool) or self.nproc < 1:
-            raise UserError(f"launcher.nproc must be >= 1, got {self.nproc}")
+        for name in ("nproc", "parallel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 1:
+                raise UserError(f"launcher.{name} must be >= 1, got {value}")
         if self.max_restarts < 0 or self.timeout_minutes < 0:
             raise UserError("launcher.max_restarts and launcher.timeout_minutes must be >= 0")
 
@@ -443,30 +448,63 @@ def _last_error(log_path: str) -> str:
     return (errors or lines or ["(empty log)"])[-1][:300]
 
 
-def run_cell(spec: SweepSpec, cell: Cell, output: str) -> Outcome:
-    """Train one cell in a subprocess (its own process group), output appended to its log."""
-    log_path = cell_log(output, cell)
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = cell_command(spec, cell, output)
-    timeout = spec.launcher.timeout_minutes * 60 or None
-    start = time.monotonic()
-    with open(log_path, "a") as logf:
-        logf.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} sweep: {shlex.join(cmd)}\n")
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            return Outcome("failed", time.monotonic() - start, f"stopped after launcher.timeout_minutes={spec.launcher.timeout_minutes}")
-        except BaseException:  # Ctrl-C, SIGTERM: take the cell down with us
-            _stop(proc)
-            raise
-    seconds = time.monotonic() - start
-    if rc == 0 and read_summary(cell_dir(output, cell)) is not None:
-        return Outcome("done", seconds)
-    why = f"exit {rc}" if rc != 0 else "exit 0 but no complete summary.json"
-    return Outcome("failed", seconds, f"{why}: {_last_error(log_path)}")
+class CellJob:
+    """One cell training in a subprocess (its own process group, so that stopping it takes
+    torchrun's ranks along), its output appended to the cell's log."""
+
+    def __init__(self, spec: SweepSpec, cell: Cell, output: str, env: dict[str, str] | None = None):
+        self.cell, self.output = cell, output
+        self.log_path = cell_log(output, cell)
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        cmd = cell_command(spec, cell, output)
+        self.timeout = spec.launcher.timeout_minutes * 60 or None
+        self.timeout_minutes = spec.launcher.timeout_minutes
+        self.start = time.monotonic()
+        with open(self.log_path, "a") as logf:
+            logf.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} sweep: {shlex.join(cmd)}\n")
+            logf.flush()
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**_child_env(), **(env or {})},
+                                         start_new_session=True)  # fmt: skip
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def poll(self) -> Outcome | None:
+        """The outcome once the cell has ended (or overrun its time: then it is stopped), else None."""
+        rc = self.proc.poll()
+        if rc is None:
+            if self.timeout is not None and self.seconds > self.timeout:
+                self.stop()
+                return Outcome("failed", self.seconds, f"stopped after launcher.timeout_minutes={self.timeout_minutes}")
+            return None
+        if rc == 0 and read_summary(cell_dir(self.output, self.cell)) is not None:
+            return Outcome("done", self.seconds)
+        why = f"exit {rc}" if rc != 0 else "exit 0 but no complete summary.json"
+        return Outcome("failed", self.seconds, f"{why}: {_last_error(self.log_path)}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def slot_environments(launcher: LauncherSpec) -> list[dict[str, str]]:
+    """The environment of each parallel slot: its own GPUs on a CUDA host, nothing on CPU."""
+    if launcher.parallel == 1:
+        return [{}]
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        gpus = 0
+    if gpus == 0:
+        return [{} for _ in range(launcher.parallel)]
+    need = launcher.parallel * launcher.nproc
+    if need > gpus:
+        raise UserError(f"launcher.parallel {launcher.parallel} x nproc {launcher.nproc} = {need} GPUs, but this host has {gpus}")
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or [str(i) for i in range(gpus)]
+    n = launcher.nproc
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(visible[k * n : (k + 1) * n])} for k in range(launcher.parallel)]
 
 
 def _duration(seconds: float) -> str:
@@ -571,29 +609,50 @@ def run_sweep(
             "sweep: %d cell(s) in the grid, %d selected, %d already done (skipped), %d to train; output %s",
             len(cells), len(todo), len(todo) - len(pending), len(pending), output,
         )  # fmt: skip
+        envs = slot_environments(spec.launcher)
+        queue = list(pending)
+        running: dict[int, tuple[int, CellJob]] = {}  # slot -> (number, job)
         durations: list[float] = []
+        started = 0
         try:
-            for i, cell in enumerate(pending, 1):
-                left = len(pending) - i + 1
-                eta = f"ETA {_duration(sum(durations) / len(durations) * left)} for {left} cell(s)" if durations else "ETA after the first cell"
-                how = "resuming from its latest checkpoint" if _has_checkpoint(cell_dir(output, cell)) else "new"
-                log.info("[%d/%d] start %s (%s); %s", i, len(pending), cell.id, how, eta)
-                outcome = run_cell(spec, cell, output)
-                outcomes[cell.id] = outcome
-                durations.append(outcome.seconds or 0.0)
-                if outcome.status == "done":
-                    s = read_summary(cell_dir(output, cell)) or {}
-                    ia = read_collapse(cell_dir(output, cell), s.get("best_step")) or {}
-                    log.info(
-                        "[%d/%d] done %s in %s: test AUC %.5f, logloss %.5f%s",
-                        i, len(pending), cell.id, _duration(outcome.seconds or 0), s["test_auc"], s["test_logloss"],
-                        f", mean IA {ia['mean_ia']:.2f}" if ia.get("mean_ia") is not None else "",
-                    )  # fmt: skip
-                else:
-                    log.error("[%d/%d] FAILED %s after %s: %s; log: %s", i, len(pending), cell.id,
-                              _duration(outcome.seconds or 0), outcome.error, cell_log(output, cell))  # fmt: skip
-                if report:  # the tables so far (the plots at the end)
-                    sweep_report.write_tables(spec, output, collect_records(spec, cells, output, outcomes))
+            while queue or running:
+                while queue and len(running) < len(envs):
+                    slot = min(set(range(len(envs))) - set(running))
+                    cell = queue.pop(0)
+                    started += 1
+                    left = len(queue) + 1 + len(running)
+                    eta = (f"ETA {_duration(sum(durations) / len(durations) * left / len(envs))} for {left} cell(s)"
+                           if durations else "ETA after the first cell")  # fmt: skip
+                    how = "resuming from its latest checkpoint" if _has_checkpoint(cell_dir(output, cell)) else "new"
+                    where = f" on GPU(s) {envs[slot]['CUDA_VISIBLE_DEVICES']}" if envs[slot] else ""
+                    log.info("[%d/%d] start %s (%s)%s; %s", started, len(pending), cell.id, how, where, eta)
+                    running[slot] = (started, CellJob(spec, cell, output, envs[slot]))
+                time.sleep(0.2)
+                for slot, (number, job) in list(running.items()):
+                    outcome = job.poll()
+                    if outcome is None:
+                        continue
+                    del running[slot]
+                    cell = job.cell
+                    outcomes[cell.id] = outcome
+                    durations.append(outcome.seconds or 0.0)
+                    if outcome.status == "done":
+                        s = read_summary(cell_dir(output, cell)) or {}
+                        ia = read_collapse(cell_dir(output, cell), s.get("best_step")) or {}
+                        log.info(
+                            "[%d/%d] done %s in %s: test AUC %.5f, logloss %.5f%s",
+                            number, len(pending), cell.id, _duration(outcome.seconds or 0), s["test_auc"], s["test_logloss"],
+                            f", mean IA {ia['mean_ia']:.2f}" if ia.get("mean_ia") is not None else "",
+                        )  # fmt: skip
+                    else:
+                        log.error("[%d/%d] FAILED %s after %s: %s; log: %s", number, len(pending), cell.id,
+                                  _duration(outcome.seconds or 0), outcome.error, cell_log(output, cell))  # fmt: skip
+                    if report:  # the tables so far (the plots at the end)
+                        sweep_report.write_tables(spec, output, collect_records(spec, cells, output, outcomes))
+        except BaseException:  # Ctrl-C, SIGTERM: take the running cells down with us
+            for _, job in running.values():
+                job.stop()
+            raise
         finally:
             records = write()
     failed = [r for r in records if r["status"] == "failed"]

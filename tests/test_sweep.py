@@ -3,8 +3,8 @@ CLI, skipping finished cells on a rerun, a failing cell that does not stop the o
 resumes from its checkpoint afterwards, spec errors, the Table 1 logic on made-up results,
 the paper's numbers, and the torchx component.
 
-The two real sweeps (6 and 2 cells of the tiny DCNv2/DNN model on 6,000 synthetic rows)
-run in the background from the start, two at a time (trainer_fixtures.Launcher).
+The real sweeps (6 cells, two at a time, then 2 cells and the reruns, of the tiny DCNv2/DNN
+model on 6,000 synthetic rows) run in the background from the start (trainer_fixtures.Launcher).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def summary_mtimes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def sweeps(tiny_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    main = tiny_spec(tmp, tiny_dataset, "main")
+    main = tiny_spec(tmp, tiny_dataset, "main", launcher={"parallel": 2})  # two cells at a time
     # dnn stops at step 8; dcnv2 checkpoints every 5 steps and is killed after step 12 by the
     # trainer's fault injection (on every attempt of a plain process), so only it fails
     faulty = tiny_spec(
@@ -78,7 +77,7 @@ def sweeps(tiny_dataset, tmp_path_factory):
     )  # fmt: skip
     jobs = Launcher(workers=2)
     jobs.submit("main", sweep_cli, main)
-    jobs.submit("faulty", sweep_cli, faulty, CTR_FAIL_AT_STEP="12", CTR_FAIL_RANK="0")
+    jobs.after("faulty", "main", sweep_cli, faulty, CTR_FAIL_AT_STEP="12", CTR_FAIL_RANK="0")
 
     def rerun(spec: Path) -> dict:
         """The first run's outputs as they were, then the same sweep again."""
@@ -312,6 +311,22 @@ def test_table_mean_std_best_and_shared_1x(tmp_path):
     assert set(names) == {"results.jsonl", "table.md", "table.csv", "auc_vs_scale.png", "ia_vs_scale.png"}
     assert (tmp_path / "auc_vs_scale.png").read_bytes().startswith(PNG_MAGIC)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(recs)
+
+
+def test_parallel_slots_without_gpus():
+    import torch
+
+    launcher = sw.LauncherSpec(nproc=1, parallel=3)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:  # CPU: the cells share the host
+        assert sw.slot_environments(launcher) == [{}, {}, {}]
+    elif gpus >= 3:  # each slot its own GPU
+        assert len({e["CUDA_VISIBLE_DEVICES"] for e in sw.slot_environments(launcher)}) == 3
+    else:
+        with pytest.raises(UserError, match="3 GPUs, but this host has"):
+            sw.slot_environments(launcher)
+    with pytest.raises(UserError, match="launcher.parallel must be >= 1"):
+        sw.LauncherSpec(parallel=0)
 
 
 def test_no_shared_1x_and_me_only(tmp_path):
