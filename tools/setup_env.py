@@ -5,11 +5,23 @@ torch / fbgemm stack by itself (override with ``CTR_ACCELERATOR=cpu|cuda``).
 torchrec is installed with ``--no-deps`` because its metadata asks for the
 CUDA ``fbgemm-gpu``, which must not sit next to ``fbgemm-gpu-cpu``; its real
 runtime needs are plain dependencies of the project.
+
+The Dockerfile runs this same script (so the image has no second list of
+versions)::
+
+    CTR_ACCELERATOR=cuda python3 tools/setup_env.py --deps-only --extras cluster --no-system-packages /opt/venv
+
+``--deps-only`` installs the pinned stack and the project's dependencies (plus
+those of ``--extras``) without the project itself, so that layer needs only
+``pyproject.toml`` and this file; ``--no-system-packages`` (or
+``CTR_NO_SYSTEM_PACKAGES=1``) skips the Debian packages installed for the tests.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +43,28 @@ def read_accelerator_pins() -> dict[str, str]:
             key, value = (part.strip() for part in line.split("=", 1))
             pins[key] = value.strip('"')
     return pins
+
+
+def read_string_array(section: str, key: str) -> list[str]:
+    """The strings of the array ``key = [...]`` in ``[section]`` of pyproject.toml, on one line
+    or several (again without a TOML library); [] when absent."""
+    values: list[str] = []
+    current, collecting = None, False
+    for raw in (ROOT / "pyproject.toml").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not collecting and line.startswith("["):
+            current = line
+            continue
+        if not collecting and current == f"[{section}]" and line.split("=", 1)[0].strip() == key and "=" in line:
+            line, collecting = line.split("=", 1)[1].strip().removeprefix("["), True
+        if collecting:  # brackets inside the strings (``"torchx[kubernetes]"``) do not close the array
+            unquoted = re.sub(r'"[^"]*"', '""', line)
+            if "]" in unquoted:
+                line = line[: len(re.match(r'(?:[^"\]]|"[^"]*")*', line).group(0))]
+            values += re.findall(r'"([^"]*)"', line)
+            if "]" in unquoted:
+                return values
+    return values
 
 
 def detect_accelerator() -> str:
@@ -76,8 +110,22 @@ def pip(venv: Path, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("venv", nargs="?", default=".venv", help="the virtual environment to build (default: .venv)")
+    p.add_argument("--deps-only", action="store_true",
+                   help="install the pinned stack and the project's dependencies, not the project")
+    p.add_argument("--extras", default="dev", help="comma-separated optional dependencies to add (default: dev)")
+    p.add_argument("--no-system-packages", action="store_true",
+                   default=os.environ.get("CTR_NO_SYSTEM_PACKAGES", "") not in ("", "0"),
+                   help="skip the Debian packages for the alerting tests (also CTR_NO_SYSTEM_PACKAGES=1)")
+    return p.parse_args(argv)
+
+
 def main() -> None:
-    venv = Path(sys.argv[1] if len(sys.argv) > 1 else ".venv").resolve()
+    args = parse_args()
+    venv = Path(args.venv).resolve()
+    extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     pins = read_accelerator_pins()
     accelerator = detect_accelerator()
     print(f"setup: building {venv} for {accelerator}", flush=True)
@@ -90,8 +138,15 @@ def main() -> None:
     index = ["--extra-index-url", os.environ["CTR_TORCH_INDEX_URL"]] if os.environ.get("CTR_TORCH_INDEX_URL") else []
     pip(venv, *index, f"torch=={pins['torch']}", fbgemm)
     pip(venv, "--no-deps", f"torchrec=={pins['torchrec']}")
-    pip(venv, "-e", f"{ROOT}[dev]")
-    install_debian_packages()
+    if args.deps_only:
+        requirements = read_string_array("project", "dependencies")
+        for extra in extras:
+            requirements += read_string_array("project.optional-dependencies", extra)
+        pip(venv, *requirements)
+    else:
+        pip(venv, "-e", f"{ROOT}[{','.join(extras)}]" if extras else str(ROOT))
+    if not args.no_system_packages:
+        install_debian_packages()
     check = "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('setup: torch', torch.__version__, '| torchrec ok')"
     subprocess.run([str(venv / "bin" / "python"), "-c", check], check=True)
 
