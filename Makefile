@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml tools/setup_env.py
 	$(PYTHON) tools/setup_env.py $(VENV)
 	touch $(STAMP)
 
+# The whole pipeline (configs/pipelines/demo.yaml) through torchx on this machine, from
+# scratch each time: generate -> preprocess -> train on 2 ranks -> collapse report -> export.
 demo: setup
-	$(PY) -m trainer.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.run --config configs/pipelines/demo.yaml --from generate
 
 # pytest exits 5 when it collected no tests: that is a failure, not green.
 test: setup
