@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -190,12 +191,15 @@ def remove(url: str) -> None:
             fs.rm(target, recursive=True)
 
 
-def run_stage(runner: Runner, stage: Stage, config: PipelineConfig) -> None:
-    """Run one stage to completion; UserError with its log tail if it does not succeed."""
+def run_stage(runner: Runner, stage: Stage, config: PipelineConfig, follow: bool = True) -> None:
+    """Run one stage to completion (``follow``: echo its log as it runs, ``[stage]``-prefixed,
+    to stderr); UserError with what it said if it does not succeed."""
     app = stage.app()
     started = time.monotonic()
     handle = runner.run(app, config.scheduler, cfg=_scheduler_cfg(config))
     log.info("stage %s: started %s", stage.name, handle)
+    if follow:
+        threading.Thread(target=_follow, args=(runner, handle, app, stage.name), daemon=True).start()
     status = runner.wait(handle, wait_interval=1)
     seconds = time.monotonic() - started
     if status is None or status.state != specs.AppState.SUCCEEDED:
@@ -210,6 +214,17 @@ def run_stage(runner: Runner, stage: Stage, config: PipelineConfig) -> None:
     if not exists(stage.done_marker):
         raise UserError(f"stage {stage.name} succeeded but wrote no {stage.done_marker}")
     log.info("stage %s: done in %.0fs -> %s", stage.name, seconds, stage.output)
+
+
+def _follow(runner: Runner, handle: str, app: specs.AppDef, name: str) -> None:
+    """Echo the first replica's log while the job runs (best effort: a log that cannot be
+    tailed only costs the echo)."""
+    role = app.roles[0].name
+    try:
+        for line in runner.log_lines(handle, role, 0, should_tail=True):
+            print(f"[{name}] {line.rstrip()}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - the job's outcome is reported by run_stage, not here
+        pass
 
 
 def _scheduler_cfg(config: PipelineConfig) -> dict[str, Any]:

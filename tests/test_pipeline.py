@@ -116,6 +116,7 @@ def test_from_stage_reruns_that_stage_and_the_later_ones(tmp_path):
     first = (root / "dataset" / "schema.json").stat().st_mtime_ns
     proc = ok(pipeline(config, "--from", "train", "--set", "train.overrides=[train.max_steps=2]"))
     assert "removing" in proc.stderr and "ran: train" in proc.stdout
+    assert "[train] " in proc.stderr  # the stage's own log, echoed as it runs
     assert (root / "dataset" / "schema.json").stat().st_mtime_ns == first
 
 
