@@ -14,6 +14,7 @@ units, ``_total`` for counters, ``_seconds``/``_timestamp_seconds``):
     ctr_embedding_information_abundance_ratio{run,field,set}  IA / IA of a random table of the same shape
     ctr_embedding_set_diversity{run,field}                mean (1 - mean cosine of principal angles) over set pairs
     ctr_last_success_timestamp_seconds{run}               when this run last reported successfully
+    ctr_run_finished_timestamp_seconds{run}               when the run finished (absent while it trains)
 
 An unreachable Pushgateway never stops training: one warning, then the
 exporter keeps trying quietly at each report.
@@ -65,10 +66,18 @@ class Telemetry:
         self.last_success = Gauge(
             "ctr_last_success_timestamp_seconds", "Unix time of the run's last successful report", run, registry=r
         )
+        self.finished = Gauge(
+            "ctr_run_finished_timestamp_seconds", "Unix time the run finished training (absent while it trains)", run, registry=r
+        )
         self._warned = False
         if metrics_port:
             start_http_server(metrics_port, registry=r)
             log.info("serving Prometheus metrics on :%d/metrics", metrics_port)
+
+    def record_finished(self) -> None:
+        """The run ended normally: its silence from now on is not an outage (TrainerStoppedReporting)."""
+        self.finished.labels(self.run_id).set(time.time())
+        self._report()
 
     def record_train(self, step: int, loss: float, examples: int, examples_per_second: float) -> None:
         self.step.labels(self.run_id).set(step)

@@ -530,6 +530,8 @@ class Trainer:
         }
         if self.ctx.is_main:
             self.run_dir.write_summary(summary)
+        if self.telemetry is not None:
+            self.telemetry.record_finished()
         return summary
 
 
