@@ -213,6 +213,7 @@ def model_card(
         },
         "model": identity["model"],
         "embedding": identity["embedding"] | {"num_sets": served.num_sets, "dim": served.dim},
+        "training_config": loaded.train_config,
         "inputs": {
             "ids": f"(B, {served.num_fields}) int64, column f = the id of field f (feature_spec.json)",
             "fields": [f["name"] for f in spec["fields"]],

@@ -32,7 +32,12 @@ class CheckpointModel:
     meta: dict[str, Any]  # its meta.json
     run_dir: str | None  # RUN of RUN/checkpoints/step-N, when it has one
     summary: dict[str, Any] | None  # RUN/summary.json, when present
-    dataset: str | None  # data.path of RUN/config.yaml, when present
+    train_config: dict[str, Any] | None  # RUN/config.yaml, when present
+
+    @property
+    def dataset(self) -> str | None:
+        """data.path of the run's config.yaml."""
+        return ((self.train_config or {}).get("data") or {}).get("path")
 
     @property
     def step(self) -> int | None:
@@ -99,11 +104,11 @@ def load_checkpoint_model(url: str) -> CheckpointModel:
     model.load_state_dict({k[len(STATE_PREFIX):]: v for k, v in state["model"].items()})
     run_dir = _run_dir_of(url)
     summary = _read_json(join(run_dir, "summary.json")) if run_dir else None
-    dataset = None
+    train_config = None
     if run_dir:
         fs, path = filesystem(join(run_dir, "config.yaml"))
         if fs.exists(path):
             with fs.open(path, "r") as f:
-                dataset = ((yaml.safe_load(f) or {}).get("data") or {}).get("path")
-    return CheckpointModel(model.eval(), url, meta, run_dir, summary, dataset)
+                train_config = yaml.safe_load(f) or None
+    return CheckpointModel(model.eval(), url, meta, run_dir, summary, train_config)
 
