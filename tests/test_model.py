@@ -12,6 +12,7 @@ import trainer.model.sparse_arch as sparse_arch_module
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
 from trainer.model import (
+    INTERACTIONS,
     DCNv2Interaction,
     DNNInteraction,
     EmbeddingConfig,
@@ -144,10 +145,11 @@ def test_embeddings_are_assembled_by_key_not_position():
     assert torch.equal(stacked[1, :, 1], table[ids_b].detach())
 
 
-@pytest.mark.parametrize("name", ["dnn", "dcnv2"])
-def test_model_is_fx_traceable(name):
+@pytest.mark.parametrize("mode", ["se", "me"])
+@pytest.mark.parametrize("name", sorted(INTERACTIONS))
+def test_model_is_fx_traceable(name, mode):
     """TrainPipelineSparseDist fx-traces the model to find its embedding lookups."""
-    model = build(name, "me", scale=3)
+    model = build(name, mode, scale=3, **({"attention_dim": 8} if name == "autoint" else {}))
     model.eval()
     traced = torchrec.fx.symbolic_trace(model)
     kjt = features(FIELDS, batch=4, seed=2)
@@ -197,7 +199,7 @@ def test_each_set_has_its_own_interaction_and_projection():
         (lambda: EmbeddingConfig("me", 0), "embedding scale 0"),
         (lambda: EmbeddingConfig("me", "2"), "embedding scale '2'"),
         (lambda: EmbeddingConfig("me", 2, base_dim=-1), "embedding base_dim -1"),
-        (lambda: ModelConfig("ipnn"), "model 'ipnn': expected one of \\['dcnv2', 'dnn'\\]"),
+        (lambda: ModelConfig("fm"), "model 'fm': expected one of \\['autoint', 'dcnv2', 'dnn', 'finalmlp', 'ipnn', 'nfwfm', 'xdeepfm'\\]"),
         (lambda: ModelConfig("dnn", dropout=1.0), "dropout 1.0"),
         (lambda: ModelConfig("dnn", hidden=0), "hidden 0"),
         (lambda: ModelConfig("dcnv2", cross_layers=0), "cross_layers 0"),

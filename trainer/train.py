@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -91,12 +92,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def model_identity(config: TrainConfig, schema: DatasetSchema) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded into this job's model."""
-    return {
+    """What a checkpoint must match to be loaded into this job's model, as plain JSON data
+    (tuples as lists), the form it takes in a checkpoint's meta.json."""
+    identity = {
         "model": dataclasses.asdict(config.model),
         "embedding": dataclasses.asdict(config.embedding),
         "fields": [[f.name, f.cardinality] for f in schema.sparse_fields],
     }
+    return json.loads(json.dumps(identity))
 
 
 class Trainer:

@@ -55,20 +55,48 @@ class EmbeddingConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name``: the interaction (``"dnn"`` or ``"dcnv2"``), run once per embedding set.
+    """``name``: the model, i.e. its interaction (run once per embedding set) and the head
+    that follows it: ``"dnn"``, ``"dcnv2"``, ``"ipnn"``, ``"nfwfm"``, ``"xdeepfm"``,
+    ``"finalmlp"`` or ``"autoint"`` (see ``trainer.model.interactions``).
 
-    ``hidden`` and ``dropout`` size the per-set projection and the shared tail (400 and
-    0.2 in the paper); ``cross_layers`` is the depth of the DCNv2 cross net (4).
+    ``hidden`` and ``dropout`` size every MLP: the per-set projection, the shared tail and
+    FinalMLP's towers (400 and 0.2 in the paper). The other keys are read by one model
+    each (and validated always):
+
+    - ``cross_layers``: depth of the DCNv2 cross net (4).
+    - ``cin_layers``: xDeepFM's CIN layer sizes ((16, 16)).
+    - ``tower_layers``: the depth of each FinalMLP tower, of width ``hidden`` (2).
+    - ``attention_dim``, ``attention_heads``, ``attention_layers``: AutoInt's
+      self-attention width (divisible by the heads), heads and layers (64, 2, 3).
     """
 
     name: str = "dcnv2"
     hidden: int = 400
     dropout: float = 0.2
     cross_layers: int = 4
+    cin_layers: tuple[int, ...] = (16, 16)
+    tower_layers: int = 2
+    attention_dim: int = 64
+    attention_heads: int = 2
+    attention_layers: int = 3
 
     def __post_init__(self) -> None:
         if self.name not in INTERACTIONS:
             raise UserError(f"model {self.name!r}: expected one of {sorted(INTERACTIONS)}")
-        _require_positive_ints(self, "model", ("hidden", "cross_layers"))
+        _require_positive_ints(
+            self, "model", ("hidden", "cross_layers", "tower_layers", "attention_dim", "attention_heads", "attention_layers")
+        )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model dropout {self.dropout!r}: expected a probability in [0, 1)")
+        layers = self.cin_layers
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in layers)
+        ):
+            raise UserError(f"model cin_layers {layers!r}: expected a non-empty list of positive integers, e.g. [16, 16]")
+        object.__setattr__(self, "cin_layers", tuple(layers))
+        if self.attention_dim % self.attention_heads:
+            raise UserError(
+                f"model attention_dim {self.attention_dim} is not divisible by attention_heads {self.attention_heads}"
+            )

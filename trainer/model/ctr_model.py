@@ -1,12 +1,17 @@
 """The multi-embedding CTR model (the paper's Figure 7), with single-embedding as M = 1.
 
     features (KJT) -> MultiEmbeddingSparseArch -> (M, B, F, K)
-      per set m: interaction_m -> projection_m (Linear -> BN -> ReLU -> Dropout)  (B, H)
-    mean over the M sets                                                        (B, H)
-    shared tail: Linear(H -> H) -> BN -> ReLU -> Dropout -> Linear(H -> 1)       (B,)
+      per set m: interaction_m -> projection_m                       (B, P)
+    mean over the M sets                                             (B, P)
+    shared tail                                                      (B, 1) -> (B,)
 
-With one set this is exactly the reference's single-embedding MLP (H-H-1) on the
-interaction output.
+Every model of the zoo is this composition; the interaction (``model.name``) decides
+the rest through its head (``trainer.model.heads``). For DNN, DCNv2, IPNN and NFwFM the
+projection is ``Linear -> BN -> ReLU -> Dropout`` to H and the tail ``Linear(H, H) ->
+BN -> ReLU -> Dropout -> Linear(H, 1)``: with one set exactly the reference's
+single-embedding MLP (H-H-1) on the interaction output. xDeepFM and AutoInt average
+their explicit features and their projected DNN branch and add the two logits; FinalMLP
+averages its two towers' streams and fuses them bilinearly.
 """
 
 from __future__ import annotations
@@ -19,41 +24,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
 from trainer.model.config import EmbeddingConfig, ModelConfig
+from trainer.model.heads import ProjectionBlock
 from trainer.model.interactions import INTERACTIONS
 from trainer.model.sparse_arch import MultiEmbeddingSparseArch
 
-
-class ProjectionBlock(nn.Module):
-    """``Linear -> BatchNorm1d -> ReLU -> Dropout``.
-
-    Args:
-        in_features (int): input width.
-        out_features (int): output width.
-        dropout (float): dropout probability.
-
-    Example::
-
-        ProjectionBlock(12, 400, 0.2)(torch.randn(8, 12)).shape  # (8, 400)
-    """
-
-    def __init__(self, in_features: int, out_features: int, dropout: float) -> None:
-        super().__init__()
-        self.layers: nn.Sequential = nn.Sequential(
-            nn.Linear(in_features, out_features),
-            nn.BatchNorm1d(out_features),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x (torch.Tensor): (B, in_features).
-
-        Returns:
-            torch.Tensor: (B, out_features).
-        """
-        return self.layers(x)
+__all__ = ["MultiEmbeddingCTR", "ProjectionBlock"]
 
 
 class MultiEmbeddingCTR(nn.Module):
@@ -62,9 +37,10 @@ class MultiEmbeddingCTR(nn.Module):
     Args:
         sparse_arch (MultiEmbeddingSparseArch): the M embedding sets.
         interactions (Sequence[nn.Module]): one interaction per set, each mapping
-            (B, F, K) -> (B, output_dim).
-        hidden (int): H, the width of the projections and of the tail.
-        dropout (float): dropout probability of every block.
+            (B, F, K) -> (B, D).
+        projections (Sequence[nn.Module]): one per set, (B, D) -> (B, P); the nonlinear
+            per-set part that makes the sets differ.
+        tail (nn.Module): shared, (B, P) -> (B, 1), applied to the mean over sets.
 
     Call ``from_config`` to build the paper's models.
     """
@@ -73,18 +49,19 @@ class MultiEmbeddingCTR(nn.Module):
         self,
         sparse_arch: MultiEmbeddingSparseArch,
         interactions: Sequence[nn.Module],
-        hidden: int,
-        dropout: float,
+        projections: Sequence[nn.Module],
+        tail: nn.Module,
     ) -> None:
         super().__init__()
-        if len(interactions) != sparse_arch.num_sets:
-            raise ValueError(f"{len(interactions)} interactions for {sparse_arch.num_sets} embedding sets")
+        if not len(interactions) == len(projections) == sparse_arch.num_sets:
+            raise ValueError(
+                f"{len(interactions)} interactions and {len(projections)} projections "
+                f"for {sparse_arch.num_sets} embedding sets"
+            )
         self.sparse_arch: MultiEmbeddingSparseArch = sparse_arch
         self.interactions: nn.ModuleList = nn.ModuleList(interactions)
-        self.projections: nn.ModuleList = nn.ModuleList(
-            ProjectionBlock(interaction.output_dim, hidden, dropout) for interaction in interactions
-        )
-        self.tail: nn.Sequential = nn.Sequential(ProjectionBlock(hidden, hidden, dropout), nn.Linear(hidden, 1))
+        self.projections: nn.ModuleList = nn.ModuleList(projections)
+        self.tail: nn.Module = tail
 
     @classmethod
     def from_config(
@@ -107,15 +84,14 @@ class MultiEmbeddingCTR(nn.Module):
         """
         num_sets, dim = embedding.num_sets, embedding.dim
         interaction_cls = INTERACTIONS[config.name]
+        head = interaction_cls.head
         with torch.random.fork_rng(devices=[]):
             sparse_arch = MultiEmbeddingSparseArch(fields, num_sets, dim, seed, device=table_device)
             torch.manual_seed(seed)
-            return cls(
-                sparse_arch=sparse_arch,
-                interactions=[interaction_cls.from_config(config, len(fields), dim) for _ in range(num_sets)],
-                hidden=config.hidden,
-                dropout=config.dropout,
-            )
+            # drawn in this order: every interaction, every projection, then the tail
+            interactions = [interaction_cls.from_config(config, len(fields), dim, num_sets) for _ in range(num_sets)]
+            projections = [head.projection(interaction, config) for interaction in interactions]
+            return cls(sparse_arch, interactions, projections, head.tail(interactions[0], config))
 
     def embedding_weight_keys(self) -> dict[tuple[int, str], str]:
         """(set, field) -> the state-dict key of that table's weight (the same key in the
@@ -148,5 +124,5 @@ class MultiEmbeddingCTR(nn.Module):
                 projection(interaction(embeddings[m]))
                 for m, (interaction, projection) in enumerate(zip(self.interactions, self.projections))
             ]
-        ).mean(dim=0)  # (B, H)
+        ).mean(dim=0)  # (B, P)
         return self.tail(fused).squeeze(-1)

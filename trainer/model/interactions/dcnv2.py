@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet
 
+from trainer.model.heads import ProjectedMLP
+
 if TYPE_CHECKING:
     from trainer.model.config import ModelConfig
 
@@ -29,13 +31,15 @@ class DCNv2Interaction(nn.Module):
         DCNv2Interaction(num_fields=3, dim=4, num_layers=4)(torch.randn(2, 3, 4)).shape  # (2, 12)
     """
 
+    head = ProjectedMLP
+
     def __init__(self, num_fields: int, dim: int, num_layers: int) -> None:
         super().__init__()
         self.output_dim: int = num_fields * dim
         self.cross_net: CrossNet = CrossNet(in_features=self.output_dim, num_layers=num_layers)
 
     @classmethod
-    def from_config(cls, config: "ModelConfig", num_fields: int, dim: int) -> "DCNv2Interaction":
+    def from_config(cls, config: "ModelConfig", num_fields: int, dim: int, num_sets: int = 1) -> "DCNv2Interaction":
         return cls(num_fields, dim, config.cross_layers)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:

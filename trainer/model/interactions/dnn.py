@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from trainer.model.heads import ProjectedMLP
+
 if TYPE_CHECKING:
     from trainer.model.config import ModelConfig
 
@@ -24,12 +26,14 @@ class DNNInteraction(nn.Module):
         DNNInteraction(num_fields=3, dim=4)(torch.randn(2, 3, 4)).shape  # (2, 12)
     """
 
+    head = ProjectedMLP
+
     def __init__(self, num_fields: int, dim: int) -> None:
         super().__init__()
         self.output_dim: int = num_fields * dim
 
     @classmethod
-    def from_config(cls, config: "ModelConfig", num_fields: int, dim: int) -> "DNNInteraction":
+    def from_config(cls, config: "ModelConfig", num_fields: int, dim: int, num_sets: int = 1) -> "DNNInteraction":
         return cls(num_fields, dim)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
