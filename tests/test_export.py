@@ -309,3 +309,26 @@ def test_rowwise_int8_error_is_within_half_a_step():
     restored = codes.view(1000, 3, 8).float() * scale.float() + bias.float()
     error = (restored - table.view(1000, 3, 8)).abs()
     assert (error <= scale.float() * 0.5 + 1e-6 * table.abs().max()).all()
+
+
+@pytest.mark.parametrize("name", ["dnn", "dcnv2", "ipnn", "nfwfm", "xdeepfm", "finalmlp", "autoint"])
+@pytest.mark.parametrize("mode", ["se", "me"])
+def test_every_model_exports_and_matches_its_eager_form(name, mode):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from trainer.data.schema import SparseField
+    from trainer.export.serving_model import ServingModel, export_program
+    from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
+
+    fields = [SparseField(f"f{i}", 5 + 3 * i) for i in range(5)]
+    model = MultiEmbeddingCTR.from_config(fields, ModelConfig(name=name, hidden=16), EmbeddingConfig(mode, 2, 4), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randint(0, f.cardinality, (7,), generator=g) for f in fields], dim=1)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in fields], values=ids.t().reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
+    )
+    with torch.no_grad():
+        eager = torch.sigmoid(model(kjt))
+    program = export_program(ServingModel.from_model(model)).module()
+    torch.testing.assert_close(program(ids), eager, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(program(ids[:1]), eager[:1], atol=1e-6, rtol=1e-5)
