@@ -30,7 +30,7 @@ bench: setup
 # The paper's scaling sweep in miniature (configs/sweeps/small.yaml): synthetic data, seven
 # models x SE/ME x 1/2/4x; report in runs/sweep_small/table.md. Rerun it to resume.
 sweep-small: setup
-	test -e runs/sweep_small/dataset/schema.json || $(PY) -m trainer.data.synthetic --rows 40000 \
+	test -e runs/sweep_small/dataset/schema.json || $(PY) -m trainer.data.synthetic --rows 20000 \
 		--cardinality-scale 0.002 --format parquet --output runs/sweep_small/dataset
 	$(PY) -m pipelines.sweep --spec configs/sweeps/small.yaml
 
