@@ -107,7 +107,8 @@ class LauncherSpec:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """The grid and how to train each cell (see the module docstring for an example)."""
+    """The grid and how to train each cell (see the module docstring for an example).
+    Relative paths (output, config, datasets) are from the current directory, as the trainer's."""
 
     datasets: dict[str, str]  # our name -> prepared dataset (path or fsspec URL, as data.path)
     models: list[str]  # model.name values (trainer.model.interactions.INTERACTIONS)

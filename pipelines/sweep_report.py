@@ -218,15 +218,20 @@ def _figure(spec: "SweepSpec", records: Sequence[dict[str, Any]], metric: str, y
     from matplotlib.figure import Figure
 
     datasets, models = list(spec.datasets), list(spec.models)
-    fig = Figure(figsize=(3.4 * len(models), 2.9 * len(datasets)), constrained_layout=True)
-    axes = fig.subplots(len(datasets), len(models), squeeze=False)
+    # one row per dataset; a single dataset's models wrap at four per row
+    ncols = min(4, len(models)) if len(datasets) == 1 else len(models)
+    per_dataset = math.ceil(len(models) / ncols)
+    fig = Figure(figsize=(3.4 * ncols, 2.9 * per_dataset * len(datasets)), constrained_layout=True)
+    grid = fig.subplots(per_dataset * len(datasets), ncols, squeeze=False)
+    for ax in grid.flat[len(models) * len(datasets):]:
+        ax.set_visible(False)
     xs = list(range(len(spec.scales)))
     paper = spec.paper_datasets() if with_paper else {}
     styles = {"se": ("tab:blue", "o"), "me": ("tab:red", "s")}
     for i, dataset in enumerate(datasets):
         stats = aggregate(records, dataset, metric)
         for j, model in enumerate(models):
-            ax = axes[i][j]
+            ax = grid.flat[i * per_dataset * ncols + j]
             drawn = False
             for mode in spec.modes:
                 color, marker = styles[mode]
@@ -248,10 +253,9 @@ def _figure(spec: "SweepSpec", records: Sequence[dict[str, Any]], metric: str, y
             ax.set_xticklabels([f"{s}x" for s in spec.scales])
             ax.set_title(f"{display_name(model)} ({dataset})", fontsize=10)
             ax.grid(alpha=0.3)
-            if j == 0:
+            if j % ncols == 0:
                 ax.set_ylabel(ylabel)
-            if i == len(datasets) - 1:
-                ax.set_xlabel("scale")
+            ax.set_xlabel("scale")
             if drawn and i == 0 and j == 0:
                 ax.legend(fontsize=7)
     buf = io.BytesIO()
