@@ -7,9 +7,9 @@ fields with cardinalities scaled by ``--cardinality-scale``, exports it fp32 and
 - the eager unsharded model (TorchRec ``EmbeddingBagCollection`` on a KJT built from the ids),
 - the exported fp32 program, and the exported int8 program,
 
-with p50/p99 latency over ``--iters`` calls after warm-up, and rows/s. Then the raw-row
-path of ``Predictor`` (transform + program) on synthetic rows. Weights are the seeded
-initial ones: latency does not depend on trained values.
+with p50/p99 latency over ``--iters`` calls after warm-up, and rows/s. Weights are the
+seeded initial ones: latency does not depend on trained values. (Raw-row scoring, which
+adds the vocabulary lookups, is timed by ``python -m trainer.predict`` itself.)
 
     python -m bench.bench_export [--cardinality-scale 0.05] [--iters 200] [--threads 1]
 """
