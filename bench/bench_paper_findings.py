@@ -6,7 +6,7 @@
    (SE: its one 40-wide table; ME: its four 10-wide sets concatenated) relative to a
    random table of the same shape, per field, after the same training.
 
-    python -m bench.bench_paper_findings [--rows 200000] [--epochs 1]
+    python -m bench.bench_paper_findings [--rows 200000] [--epochs 1] [--latent-dim 16]
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def toy() -> None:
         print(f"  {r.fixed_rank:>12}  {r.partner_ia:>10.2f}  {r.initial_ia:>13.2f}  {r.trained_ia:>13.2f}")
 
 
-def se_vs_me(rows: int, epochs: int) -> None:
+def se_vs_me(rows: int, epochs: int, latent_dim: int, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/data"
-        generate(SyntheticConfig(rows=rows, cardinality_scale=0.01), data, fmt="parquet", progress=False)
+        generate(SyntheticConfig(rows=rows, cardinality_scale=0.01, latent_dim=latent_dim), data, fmt="parquet", progress=False)
         finals = {}
         for mode in ("se", "me"):
             run = f"{tmp}/{mode}"
@@ -48,7 +48,7 @@ def se_vs_me(rows: int, epochs: int) -> None:
             subprocess.run(
                 [sys.executable, "-m", "trainer.main", "--config", "configs/synthetic_me.yaml", "--set",
                  f"data.path={data}", f"run.dir={run}", f"embedding.mode={mode}", "embedding.scale=4",
-                 f"train.epochs={epochs}", "train.eval_every_steps=0"],
+                 f"train.epochs={epochs}", "train.eval_every_steps=0", *overrides],
                 cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             last = json.loads(Path(run, "collapse.jsonl").read_text().splitlines()[-1])
@@ -57,7 +57,7 @@ def se_vs_me(rows: int, epochs: int) -> None:
             finals[mode] = (ratio, summary, time.perf_counter() - start)
         se, me = finals["se"][0], finals["me"][0]
         wins = sum(me[f] > se[f] for f in se)
-        print(f"\nSE vs ME, DCNv2 4x, {rows:,} synthetic rows, {epochs} epoch(s): IA of each field's whole embedding / random")
+        print(f"\nSE vs ME, DCNv2 4x, {rows:,} synthetic rows (latent dim {latent_dim}), {epochs} epoch(s){', ' + ' '.join(overrides) if overrides else ''}: IA of each field's whole embedding / random")
         print(f"  mean over fields: SE {np.mean(list(se.values())):.3f}   ME {np.mean(list(me.values())):.3f}   (ME higher on {wins}/{len(se)} fields)")
         print(f"  lowest field:     SE {min(se.values()):.3f}   ME {min(me.values()):.3f}")
         for mode, (_, summary, seconds) in finals.items():
@@ -69,10 +69,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more trainer overrides for both runs, e.g. optim.embedding=adagrad")
+    p.add_argument("--latent-dim", type=int, default=16, help="rank of the planted field interactions (the generator's default 16)")
     args = p.parse_args()
     print(f"machine: {describe()}")
     toy()
-    se_vs_me(args.rows, args.epochs)
+    se_vs_me(args.rows, args.epochs, args.latent_dim, args.set)
 
 
 if __name__ == "__main__":
