@@ -72,41 +72,26 @@ def sweep(
         max_retries: scheduler retries of the whole job (each one resumes the sweep)
         mounts: volumes, e.g. ``type=volume,src=sweeps,dst=/runs`` (see ``torchx.specs.parse_mounts``)
     """
-    cmd = ["-m", "pipelines.sweep", "--spec", spec]
-    if output:
-        cmd += ["--output", output]
-    return specs.AppDef(
-        name=name,
-        roles=[
-            specs.Role(
-                name="sweep",
-                image=image,
-                entrypoint="python",
-                args=[*cmd, *args],
-                env=dict(env or {}),
-                num_replicas=1,
-                resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
-                max_retries=max_retries,
-                mounts=specs.parse_mounts(mounts) if mounts else [],
-            )
-        ],
-    )
+    cmd = ["--spec", spec] + (["--output", output] if output else [])
+    return _python_job("sweep", "pipelines.sweep", [*cmd, *args], image, cpu, gpu, memMB, env, mounts,
+                       app_name=name, h=h, max_retries=max_retries)
 
 
-def _role(name: str, module: str, args: list[str], image: str, cpu: int, gpu: int, memMB: int,
-          env: Optional[Dict[str, str]], mounts: Optional[List[str]], max_retries: int = 0) -> specs.AppDef:
-    """One replica of ``python -m MODULE ARGS``: the shape of every single-process stage."""
+def _python_job(role: str, module: str, args: list[str], image: str, cpu: int, gpu: int, memMB: int,
+                env: Optional[Dict[str, str]], mounts: Optional[List[str]], app_name: Optional[str] = None,
+                h: Optional[str] = None, max_retries: int = 0) -> specs.AppDef:
+    """One replica of ``python -m MODULE ARGS``: the shape of every component but ``train``."""
     return specs.AppDef(
-        name=name,
+        name=app_name or role,
         roles=[
             specs.Role(
-                name=name,
+                name=role,
                 image=image,
                 entrypoint="python",
                 args=["-m", module, *args],
                 env=dict(env or {}),
                 num_replicas=1,
-                resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB),
+                resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
                 max_retries=max_retries,
                 mounts=specs.parse_mounts(mounts) if mounts else [],
             )
@@ -141,7 +126,7 @@ def generate(
     """
     args = ["--rows", str(rows), "--output", output, "--format", "criteo-tsv",
             "--cardinality-scale", str(cardinality_scale), "--seed", str(seed), "--overwrite"]
-    return _role("generate", "trainer.data.synthetic", args, image, cpu, 0, memMB, env, mounts)
+    return _python_job("generate", "trainer.data.synthetic", args, image, cpu, 0, memMB, env, mounts)
 
 
 def preprocess(
@@ -174,7 +159,7 @@ def preprocess(
             "--overwrite", "--no-progress"]
     if min_count is not None:
         args += ["--min-count", str(min_count)]
-    return _role("preprocess", "trainer.data.preprocess", args, image, cpu, 0, memMB, env, mounts)
+    return _python_job("preprocess", "trainer.data.preprocess", args, image, cpu, 0, memMB, env, mounts)
 
 
 def train(
@@ -258,7 +243,7 @@ def collapse_monitor(
         args += ["--pushgateway", pushgateway]
     if run_id:
         args += ["--run-id", run_id]
-    return _role("collapse", "trainer.collapse", args, image, cpu, 0, memMB, env, mounts)
+    return _python_job("collapse", "trainer.collapse", args, image, cpu, 0, memMB, env, mounts)
 
 
 def export(
@@ -288,7 +273,7 @@ def export(
     args = ["--checkpoint", checkpoint, "--output", output, "--quantize", quantize, "--overwrite"]
     if dataset:
         args += ["--dataset", dataset]
-    return _role("export", "trainer.export", args, image, cpu, 0, memMB, env, mounts)
+    return _python_job("export", "trainer.export", args, image, cpu, 0, memMB, env, mounts)
 
 
 def pipeline(
@@ -310,4 +295,4 @@ def pipeline(
         memMB: memory of the driver in MB
         env: environment variables
     """
-    return _role("pipeline", "pipelines.run", ["--config", config, "--scheduler", scheduler], image, cpu, 0, memMB, env, None)
+    return _python_job("pipeline", "pipelines.run", ["--config", config, "--scheduler", scheduler], image, cpu, 0, memMB, env, None)
