@@ -115,6 +115,10 @@ def test_cli_int8_artifact_scores_in_a_fresh_process_without_the_trainer(raw, ru
     assert q["mode"] == "int8" and q["fp32_table_bytes"] == 4 * values
     assert q["table_bytes"] == values * (1 + 4 / card["embedding"]["dim"])  # a byte per value, fp16 scale + bias per K
     assert ev["auc_change"] >= -0.001 and ev["int8_auc"] == pytest.approx(ev["fp32_auc"], abs=0.001)
+    from trainer.collapse.checkpoint_reader import analyze_checkpoint
+
+    offline = analyze_checkpoint(card["source"]["checkpoint"], progress=False).summary()  # the offline monitor's numbers
+    assert card["collapse"]["mean_ia"] == pytest.approx(offline["mean_overall_ia"], rel=1e-9)
     assert set(json.loads((out / "MANIFEST.json").read_text())["files"]) >= {"program.pt2", "feature_spec.json", "predictor.py",
                                                                               "model_card.json", "model_card.md", "vocab/C1.json"}
 

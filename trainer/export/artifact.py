@@ -7,7 +7,7 @@ The steps (``export_artifact``):
 3. pack the tables (and quantise them for ``int8``) and ``torch.export`` the program;
 4. score the dataset's test split with the exported program (fp32, and int8 beside it:
    an int8 model that loses more than ``max_auc_drop`` AUC is refused);
-5. measure collapse (IA) of the exported tables;
+5. measure collapse (IA) of the exported tables, from the tables already in memory;
 6. write everything into a temporary directory, ``MANIFEST.json`` (sha256 of every
    file) last, and rename it into place.
 """
@@ -32,7 +32,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from trainer.collapse.checkpoint_reader import analyze_checkpoint
+from trainer.collapse.gram import field_gram
+from trainer.collapse.metrics import CollapseReport, analyze_field
 from trainer.data.schema import DatasetSchema, read_schema
 from trainer.data.storage import atomic_directory, filesystem, join
 from trainer.errors import UserError
@@ -103,6 +104,27 @@ def probability_logloss(p: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def collapse_of(loaded: CheckpointModel) -> CollapseReport:
+    """The collapse metrics of the loaded model's tables (the offline monitor's numbers,
+    without reading the checkpoint a second time)."""
+    arch = loaded.model.sparse_arch
+    bags = arch.embedding_bag_collection.embedding_bags
+    tables = arch.table_names()
+    embedding = loaded.meta["identity"]["embedding"]
+    column_groups = embedding["scale"] if arch.num_sets == 1 and embedding["scale"] > 1 else None  # as analyze_checkpoint
+    with torch.no_grad():
+        fields = [
+            analyze_field(
+                field_gram([bags[tables[(m, name)]].weight for m in range(arch.num_sets)], dim=arch.dim, field=name),
+                column_groups=column_groups,
+            )
+            for name in arch.field_names
+        ]
+    return CollapseReport(
+        source=loaded.url, label=loaded.url, fields=fields, num_sets=arch.num_sets, dim=arch.dim, step=loaded.step, embedding=embedding
+    )
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "torchx", "pyarrow"):
@@ -132,7 +154,7 @@ def export_artifact(config: ExportConfig) -> dict[str, Any]:
             "(another dataset, or one preprocessed again): export with the dataset it was trained on (--dataset)"
         )
     spec, vocab_files = build_feature_spec(dataset_url, schema, loaded.model.sparse_arch.field_names)
-    collapse = analyze_checkpoint(loaded.url, progress=False)
+    collapse = collapse_of(loaded)
 
     serving = ServingModel.from_model(loaded.model)
     ids, labels = test_split(dataset_url, schema, config.eval_rows)
