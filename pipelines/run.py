@@ -135,6 +135,7 @@ class Stage:
     output: str  # what the stage writes
     done_marker: str  # the file whose presence means the stage finished
     app: Callable[[], specs.AppDef]
+    sidecars: tuple[str, ...] = ()  # more files it writes beside ``output`` (removed with it)
 
 
 def outputs(config: PipelineConfig) -> dict[str, str]:
@@ -164,7 +165,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     stages = []
     if g.rows:
         stages.append(Stage("generate", out["generate"], out["generate"] + ".oracle.json", lambda: components.generate(
-            rows=g.rows, output=out["generate"], cardinality_scale=g.cardinality_scale, seed=g.seed, **common)))
+            rows=g.rows, output=out["generate"], cardinality_scale=g.cardinality_scale, seed=g.seed, **common),
+            sidecars=(out["generate"] + ".oracle.json", out["generate"] + ".truth.parquet")))
     stages.append(Stage("preprocess", out["preprocess"], join(out["preprocess"], "schema.json"), lambda: components.preprocess(
         input=raw, output=out["preprocess"], dataset=p.dataset, min_count=p.min_count, on_bad_rows=p.on_bad_rows, **common)))
     stages.append(Stage("train", out["train"], join(out["train"], "summary.json"), lambda: components.train(
@@ -184,11 +186,12 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def remove(url: str) -> None:
-    fs, path = filesystem(url)
-    for target in (path, path + ".oracle.json", path + ".truth.parquet"):
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
+def remove(stage: Stage) -> None:
+    """Delete what ``stage`` wrote."""
+    for url in (stage.output, *stage.sidecars):
+        fs, path = filesystem(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def run_stage(runner: Runner, stage: Stage, config: PipelineConfig, follow: bool = True) -> None:
@@ -267,7 +270,7 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, dryrun: 
         if start_from is not None:
             for stage in stages[names.index(start_from):]:
                 log.info("--from %s: removing %s", start_from, stage.output)
-                remove(stage.output)
+                remove(stage)
         for i, stage in enumerate(stages, 1):
             if exists(stage.done_marker):
                 log.info("[%d/%d] %s: already done (%s), skipped", i, len(stages), stage.name, stage.output)
