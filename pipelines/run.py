@@ -199,7 +199,10 @@ def run_stage(runner: Runner, stage: Stage, config: PipelineConfig, follow: bool
     to stderr); UserError with what it said if it does not succeed."""
     app = stage.app()
     started = time.monotonic()
-    handle = runner.run(app, config.scheduler, cfg=_scheduler_cfg(config))
+    try:
+        handle = runner.run(app, config.scheduler, cfg=_scheduler_cfg(config))
+    except Exception as e:  # noqa: BLE001 - the scheduler's client raises anything (no cluster config, RBAC, ...)
+        raise UserError(f"stage {stage.name}: cannot submit it to {config.scheduler} ({type(e).__name__}: {e})") from None
     log.info("stage %s: started %s", stage.name, handle)
     if follow:
         threading.Thread(target=_follow, args=(runner, handle, app, stage.name), daemon=True).start()

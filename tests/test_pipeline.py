@@ -188,3 +188,10 @@ def test_components_document_their_arguments():
     for name in ("generate", "preprocess", "train", "collapse_monitor", "export", "sweep", "pipeline"):
         proc = ok(run([str(VENV_BIN / "torchx"), "run", f"pipelines/components.py:{name}", "--help"], timeout=60))
         assert "usage" in proc.stdout.lower() and "--image" in proc.stdout, name
+
+
+def test_unreachable_cluster_is_a_clear_error(tmp_path):
+    config = tmp_path / "k8s.yaml"
+    config.write_text(f"root: {tmp_path / 'root'}\nscheduler: kubernetes\ngenerate: {{rows: 10}}\n")
+    proc = pipeline(config, timeout=120, KUBECONFIG=str(tmp_path / "no-kubeconfig"))
+    user_error(proc, "stage generate: cannot submit it to kubernetes")
