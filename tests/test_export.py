@@ -249,6 +249,8 @@ def test_bad_rows_and_ids_are_clear_errors(artifacts, raw, tmp_path):
                 "--output", str(tmp_path / "out.csv")])
     user_error(proc, f"{file}:2", "I3 'abc' is not an integer")
     assert not (tmp_path / "out.csv").exists() and not list(tmp_path.glob(".out.csv.tmp-*"))
+    with pytest.raises(ArtifactError, match="its directory .* does not exist"):
+        predictor.score_file(file, tmp_path / "missing_dir" / "out.csv")
 
 
 def test_export_refuses_wrong_checkpoints_and_datasets(runs, raw, tmp_path):

@@ -282,6 +282,8 @@ class Predictor:
         """Score every row of ``input_path`` into ``output_path`` (CSV ``row,probability[,label]``,
         written under a temporary name and renamed when complete). Returns the row count."""
         output = Path(output_path)
+        if not output.parent.is_dir():
+            raise ArtifactError(f"cannot write {output}: its directory {output.parent} does not exist")
         tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         count, width = 0, None
         try:
