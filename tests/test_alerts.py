@@ -158,16 +158,6 @@ def test_unreachable_pushgateway_warns_once_and_never_raises(caplog):
     assert len(warnings) == 1 and f"127.0.0.1:{closed_port}" in warnings[0].getMessage()
 
 
-def test_interaction_with_a_low_ia_field_collapses_a_field():
-    """The paper's Evidence II toy, fixed seed: the lower the partner's rank, the lower the
-    trained field's information abundance."""
-    results = [interaction_collapse_toy(rank, seed=0) for rank in (1, 2, 5, None)]
-    trained = [r.trained_ia for r in results]
-    assert trained == sorted(trained), trained
-    assert trained[0] < 0.3 * trained[-1]
-    assert all(r.partner_ia < results[-1].partner_ia for r in results[:-1])
-
-
 def test_training_job_pushes_its_metrics_to_a_real_pushgateway(prometheus_stack, tiny_dataset, tmp_path):
     """The trainer's own export (rank 0, Pushgateway, grouping key run=<id>), read back
     through Prometheus: validation metrics and per-field, per-set collapse gauges."""

@@ -14,11 +14,13 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, table_wise
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
 from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
+from trainer.row_sparse_optim import row_sparse_optimizer
 from trainer.sharding import (
     ShardingConfig,
     apply_embedding_optimizer,
@@ -156,6 +158,11 @@ def test_embedding_optimizer_check_by_device():
     assert rowwise.emb_opt_type.value == "exact_row_wise_adagrad"
     assert (rowwise.kwargs["lr"], rowwise.kwargs["eps"]) == (0.05, 1e-6)
     assert "eps" not in embedding_optimizer("sgd", CPU, lr=0.1).kwargs
+    # weight decay: kept where FBGEMM's kernels apply it (CUDA), dropped and reported on CPU
+    cuda = embedding_optimizer("rowwise_adagrad", CUDA, lr=0.05, weight_decay=1e-6)
+    assert (cuda.kwargs["weight_decay"], cuda.dropped_weight_decay) == (1e-6, 0.0)
+    cpu = embedding_optimizer("rowwise_adagrad", CPU, lr=0.05, weight_decay=1e-6)
+    assert (cpu.kwargs["weight_decay"], cpu.dropped_weight_decay) == (0.0, 1e-6)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
@@ -318,3 +325,86 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
 
 def test_sharded_model_on_two_gloo_ranks_matches_unsharded_and_trains():
     mp.spawn(_two_rank_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+# ---- replicated tables train like fused ones ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_row_sparse_optimizer_changes_only_looked_up_rows_and_their_state(name):
+    """Rows without a gradient keep their weights and optimizer state, also for Adam,
+    whose momentum would otherwise keep moving a row after it was last looked up, and
+    weight decay reaches only the rows looked up."""
+    optimizer_class = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam,
+                       "rowwise_adagrad": RowWiseAdagrad}[name]  # fmt: skip
+    table = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    opt = row_sparse_optimizer(optimizer_class, [table], {"lr": 0.1, "weight_decay": 0.5})
+    for rows in ([0, 2], [1, 2], [5]):
+        before = table.detach().clone()
+        state_before = {k: v.clone() for k, v in opt.state[table].items() if torch.is_tensor(v)}
+        table.grad = torch.zeros_like(table)
+        table.grad[rows] = 1.0
+        opt.step()
+        idle = [r for r in range(6) if r not in rows]
+        assert torch.equal(table[idle], before[idle]), (name, rows)
+        assert not torch.equal(table[rows], before[rows])
+        for k, v in opt.state[table].items():
+            if torch.is_tensor(v) and v.dim() and k in state_before:
+                assert torch.equal(v[idle], state_before[k][idle]), (name, k)
+    # weight decay only where there is a gradient: a zero-gradient step changes nothing
+    before = table.detach().clone()
+    table.grad = torch.zeros_like(table)
+    opt.step()
+    assert torch.equal(table, before)
+
+
+def _placement_worker(rank: int, world_size: int, port: int, name: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        g = torch.Generator().manual_seed(5)
+        steps = [
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=[f.name for f in FIELDS],
+                values=torch.randint(0, 3, (8 * len(FIELDS),), generator=g),  # ids 0..2: the other rows are never looked up
+                lengths=torch.ones(8 * len(FIELDS), dtype=torch.int32),
+            )
+            for _ in range(6)
+        ]
+        labels = torch.randint(0, 2, (6, 8), generator=g).float()
+        for placement in ("table_wise", "data_parallel"):
+            emb_opt = embedding_optimizer(name, CPU, lr=0.1, weight_decay=0.05)
+            model = build()
+            apply_embedding_optimizer(model, emb_opt)
+            plan = plan_sharding(model, ShardingConfig(sharding_types=(placement,)), world_size, CPU, pg=dist.group.WORLD)
+            sharded = shard_model(model, plan, CPU)
+            optimizer = combined_optimizer(sharded, emb_opt, _adam)
+            sharded.train()
+            torch.manual_seed(0)  # the same dropout masks for both placements
+            for kjt, y in zip(steps, labels):
+                torch.nn.functional.binary_cross_entropy_with_logits(sharded(kjt), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            out[placement] = {k: w.clone() for k, w in _windows(sharded).items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad"])
+def test_a_table_trains_the_same_fused_or_replicated(name):
+    """The planner's placement is not a training hyper-parameter: the same tables, batches
+    and embedding optimizer (weight decay asked for, which CPU kernels lack) give the same
+    weights whether the tables are fused (table_wise) or replicated (data_parallel), and
+    rows never looked up keep their initial value in both. (Before: replicated tables were
+    stepped densely with weight decay and every idle row shrank.)"""
+    out: dict = {}
+    _placement_worker(0, 1, _free_port(), name, out)
+    init = build().state_dict()
+    keys = {t.table: build().embedding_weight_keys()[(t.set_index, t.field)] for t in build().sparse_arch.tables}
+    fused, replicated = out["table_wise"], out["data_parallel"]
+    assert fused.keys() == replicated.keys()
+    for (table, row, col), weight in fused.items():
+        torch.testing.assert_close(replicated[(table, row, col)], weight, rtol=1e-5, atol=1e-6, msg=table)
+        start = init[keys[table]]
+        assert torch.equal(weight[3:], start[3:]) and torch.equal(replicated[(table, row, col)][3:], start[3:]), table
+        assert not torch.equal(weight[:3], start[:3]), table

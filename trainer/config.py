@@ -72,7 +72,7 @@ class OptimConfig:
     embedding: str = "rowwise_adagrad"  # sgd | adagrad | rowwise_adagrad; adam on CUDA (the paper's)
     embedding_lr: float = 0.05
     dense_lr: float = 1e-3  # dense Adam, as the paper
-    weight_decay: float = 1e-6  # both optimizers
+    weight_decay: float = 1e-6  # dense Adam; the embedding tables too on CUDA (L2 on looked-up rows; CPU kernels have none)
     eps: float = 1e-8
 
     def __post_init__(self) -> None:

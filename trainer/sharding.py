@@ -23,7 +23,8 @@ torchrec 1.9.2): DMP does not copy the unsharded tables into the shards, it re-i
 them (``shard_model`` therefore redraws every shard from the model's seed); the sharded
 collection's output keys come in another order (the sparse arch assembles by key);
 ``data_parallel`` tables get no fused kernel and no in-backward optimizer, they are dense
-DDP parameters (``combined_optimizer`` steps them with the embedding optimizer).
+DDP parameters (``combined_optimizer`` steps them with the embedding optimizer, row-sparse
+like the fused kernels: see ``trainer.row_sparse_optim``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
@@ -55,6 +57,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from trainer.errors import UserError
 from trainer.model.sparse_arch import MultiEmbeddingSparseArch, TableInfo, init_table_
+from trainer.row_sparse_optim import row_sparse_optimizer
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 CUDA_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
@@ -144,8 +147,10 @@ def build_constraints(
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
     """The sharders of our model: its one ``EmbeddingBagCollection``. The fused optimizer
-    comes from the parameters (``apply_embedding_optimizer``), not from sharder params."""
-    return [EmbeddingBagCollectionSharder()]
+    comes from the parameters (``apply_embedding_optimizer``); the sharder only sets how
+    its weight decay applies: L2 on the looked-up rows (FBGEMM's default, ``NONE``, would
+    silently ignore it)."""
+    return [EmbeddingBagCollectionSharder(fused_params={"weight_decay_mode": WeightDecayMode.L2})]
 
 
 def find_sparse_arch(module: nn.Module) -> tuple[str, MultiEmbeddingSparseArch]:
@@ -301,6 +306,7 @@ class EmbeddingOptimizer:
     optimizer_class: type[torch.optim.Optimizer]
     emb_opt_type: EmbOptimType
     kwargs: Mapping[str, Any]
+    dropped_weight_decay: float = 0.0  # asked for, but the device's fused kernels cannot apply it
 
 
 # name -> (torch optimizer class, FBGEMM type, takes eps, devices that run it fused)
@@ -326,7 +332,11 @@ def embedding_optimizer(
 ) -> EmbeddingOptimizer:
     """Validate ``name`` against ``device`` and return the fused optimizer to apply.
 
-    ``eps`` is used by adagrad, rowwise_adagrad and adam.
+    ``eps`` is used by adagrad, rowwise_adagrad and adam. ``weight_decay`` is L2 on the rows
+    a step looks up, as FBGEMM's CUDA kernels apply it (``WeightDecayMode.L2``, see
+    ``sharders``). FBGEMM's CPU kernels ignore weight decay (checked: the same update with
+    0.05 as with 0, fbgemm-gpu 1.4), so on CPU it is dropped for every table, replicated
+    ones included, and reported in ``dropped_weight_decay`` for the caller to say so.
     """
     if name not in _EMBEDDING_OPTIMIZERS:
         raise UserError(f"embedding optimizer {name!r}: expected one of {list(_EMBEDDING_OPTIMIZERS)}")
@@ -338,10 +348,11 @@ def embedding_optimizer(
         )
     if not lr > 0:
         raise UserError(f"embedding optimizer lr {lr!r}: expected a positive number")
-    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    dropped = weight_decay if device.type == "cpu" else 0.0
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay - dropped}
     if takes_eps:
         kwargs["eps"] = eps
-    return EmbeddingOptimizer(name, optimizer_class, emb_opt_type, kwargs)
+    return EmbeddingOptimizer(name, optimizer_class, emb_opt_type, kwargs, dropped)
 
 
 def apply_embedding_optimizer(model: nn.Module, optimizer: EmbeddingOptimizer) -> None:
@@ -364,7 +375,8 @@ def combined_optimizer(
       (``sharded.fused_optimizer``; its ``step`` is a no-op);
     - ``replicated_tables``: ``data_parallel`` tables, which TorchRec trains as dense
       parameters (DDP all-reduces their gradients, no fused kernel): stepped by the
-      embedding optimizer's torch class, so every table sees the same optimizer;
+      embedding optimizer's torch class with the fused kernels' row-sparse semantics
+      (``trainer.row_sparse_optim``), so every table trains the same wherever it lives;
     - ``dense``: everything else, by ``dense_factory`` (e.g. ``lambda p: Adam(p, lr=1e-3)``).
     """
     prefix, arch = find_sparse_arch(sharded.module)
@@ -380,7 +392,9 @@ def combined_optimizer(
         optims.append(
             (
                 "replicated_tables",
-                KeyedOptimizerWrapper(replicated, lambda params: embedding.optimizer_class(params, **embedding.kwargs)),
+                KeyedOptimizerWrapper(
+                    replicated, lambda params: row_sparse_optimizer(embedding.optimizer_class, params, dict(embedding.kwargs))
+                ),
             )
         )
     return CombinedOptimizer(optims)

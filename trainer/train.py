@@ -136,6 +136,11 @@ class Trainer:
         emb_opt = embedding_optimizer(
             c.optim.embedding, ctx.device, lr=c.optim.embedding_lr, eps=c.optim.eps, weight_decay=c.optim.weight_decay
         )
+        if emb_opt.dropped_weight_decay and ctx.is_main:
+            log.warning(
+                "optim.weight_decay %g applies to the dense layers only: FBGEMM's %s embedding kernels have no weight decay",
+                emb_opt.dropped_weight_decay, ctx.device.type,
+            )  # fmt: skip
         apply_embedding_optimizer(module, emb_opt)
         pg = torch.distributed.group.WORLD
         plan = plan_sharding(
