@@ -319,6 +319,9 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
         _check_forward(rank, world_size)
         _check_training_step(rank, world_size)
         _check_pipeline(rank, world_size)
+        # different batches per rank: a fused table's gradient (all-to-all, divided by the
+        # world size) and a replica's (DDP's mean) are the same, so plain SGD agrees too
+        _check_placements_agree(_train_in_both_placements("sgd", rank, world_size))
     finally:
         dist.destroy_process_group()
 
@@ -358,53 +361,66 @@ def test_row_sparse_optimizer_changes_only_looked_up_rows_and_their_state(name):
     assert torch.equal(table, before)
 
 
-def _placement_worker(rank: int, world_size: int, port: int, name: str, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        g = torch.Generator().manual_seed(5)
-        steps = [
-            KeyedJaggedTensor.from_lengths_sync(
-                keys=[f.name for f in FIELDS],
-                values=torch.randint(0, 3, (8 * len(FIELDS),), generator=g),  # ids 0..2: the other rows are never looked up
-                lengths=torch.ones(8 * len(FIELDS), dtype=torch.int32),
-            )
-            for _ in range(6)
-        ]
-        labels = torch.randint(0, 2, (6, 8), generator=g).float()
-        for placement in ("table_wise", "data_parallel"):
-            emb_opt = embedding_optimizer(name, CPU, lr=0.1, weight_decay=0.05)
-            model = build()
-            apply_embedding_optimizer(model, emb_opt)
-            plan = plan_sharding(model, ShardingConfig(sharding_types=(placement,)), world_size, CPU, pg=dist.group.WORLD)
-            sharded = shard_model(model, plan, CPU)
-            optimizer = combined_optimizer(sharded, emb_opt, _adam)
-            sharded.train()
-            torch.manual_seed(0)  # the same dropout masks for both placements
-            for kjt, y in zip(steps, labels):
-                torch.nn.functional.binary_cross_entropy_with_logits(sharded(kjt), y).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            out[placement] = {k: w.clone() for k, w in _windows(sharded).items()}
-    finally:
-        dist.destroy_process_group()
+def _train_in_both_placements(name: str, rank: int, world_size: int) -> dict[str, dict]:
+    """The same model trained six steps with every table ``table_wise`` (fused), then with
+    every table ``data_parallel`` (replicated); each rank its own batches of ids 0..2 (the
+    other rows are never looked up), the embedding optimizer asked for weight decay.
+    Returns placement -> this rank's table windows."""
+    g = torch.Generator().manual_seed(5 + rank)
+    steps = [
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=[f.name for f in FIELDS],
+            values=torch.randint(0, 3, (8 * len(FIELDS),), generator=g),
+            lengths=torch.ones(8 * len(FIELDS), dtype=torch.int32),
+        )
+        for _ in range(6)
+    ]
+    labels = torch.randint(0, 2, (6, 8), generator=g).float()
+    out = {}
+    for placement in ("table_wise", "data_parallel"):
+        emb_opt = embedding_optimizer(name, CPU, lr=0.1, weight_decay=0.05)
+        model = build()
+        apply_embedding_optimizer(model, emb_opt)
+        plan = plan_sharding(model, ShardingConfig(sharding_types=(placement,)), world_size, CPU, pg=dist.group.WORLD)
+        sharded = shard_model(model, plan, CPU)
+        optimizer = combined_optimizer(sharded, emb_opt, _adam)
+        sharded.train()
+        torch.manual_seed(rank)  # the same dropout masks for both placements
+        for kjt, y in zip(steps, labels):
+            torch.nn.functional.binary_cross_entropy_with_logits(sharded(kjt), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        out[placement] = _windows(sharded)
+    return out
 
 
-@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad"])
+def _check_placements_agree(out: dict[str, dict]) -> None:
+    """Every table this rank holds fused has the weights of its replica, and rows never
+    looked up are still at their initial value in both."""
+    reference = build()
+    init, keys = reference.state_dict(), reference.embedding_weight_keys()
+    key_of = {table: keys[set_field] for set_field, table in reference.sparse_arch.table_names().items()}
+    fused, replicated = out["table_wise"], out["data_parallel"]
+    assert fused and set(fused) <= set(replicated)
+    for (table, row, col), weight in fused.items():
+        twin = replicated[(table, row, col)]
+        torch.testing.assert_close(twin, weight, rtol=1e-5, atol=1e-6, msg=table)
+        start = init[key_of[table]]
+        assert torch.equal(weight[3:], start[3:]) and torch.equal(twin[3:], start[3:]), table
+        assert not torch.equal(weight[:3], start[:3]), table
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
 def test_a_table_trains_the_same_fused_or_replicated(name):
     """The planner's placement is not a training hyper-parameter: the same tables, batches
     and embedding optimizer (weight decay asked for, which CPU kernels lack) give the same
     weights whether the tables are fused (table_wise) or replicated (data_parallel), and
     rows never looked up keep their initial value in both. (Before: replicated tables were
-    stepped densely with weight decay and every idle row shrank.)"""
-    out: dict = {}
-    _placement_worker(0, 1, _free_port(), name, out)
-    init = build().state_dict()
-    keys = {t.table: build().embedding_weight_keys()[(t.set_index, t.field)] for t in build().sparse_arch.tables}
-    fused, replicated = out["table_wise"], out["data_parallel"]
-    assert fused.keys() == replicated.keys()
-    for (table, row, col), weight in fused.items():
-        torch.testing.assert_close(replicated[(table, row, col)], weight, rtol=1e-5, atol=1e-6, msg=table)
-        start = init[keys[table]]
-        assert torch.equal(weight[3:], start[3:]) and torch.equal(replicated[(table, row, col)][3:], start[3:]), table
-        assert not torch.equal(weight[:3], start[:3]), table
+    stepped densely with weight decay and every idle row shrank.) Two ranks: see
+    ``_two_rank_worker``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        _check_placements_agree(_train_in_both_placements(name, 0, 1))
+    finally:
+        dist.destroy_process_group()
