@@ -333,15 +333,16 @@ def test_sharded_model_on_two_gloo_ranks_matches_unsharded_and_trains():
 # ---- replicated tables train like fused ones ----------------------------------------
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
-def test_row_sparse_optimizer_changes_only_looked_up_rows_and_their_state(name):
+def test_row_sparse_optimizer_changes_only_looked_up_rows_and_their_state(name, weight_decay):
     """Rows without a gradient keep their weights and optimizer state, also for Adam,
     whose momentum would otherwise keep moving a row after it was last looked up, and
     weight decay reaches only the rows looked up."""
     optimizer_class = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam,
                        "rowwise_adagrad": RowWiseAdagrad}[name]  # fmt: skip
     table = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
-    opt = row_sparse_optimizer(optimizer_class, [table], {"lr": 0.1, "weight_decay": 0.5})
+    opt = row_sparse_optimizer(optimizer_class, [table], {"lr": 0.1, "weight_decay": weight_decay})
     for rows in ([0, 2], [1, 2], [5]):
         before = table.detach().clone()
         state_before = {k: v.clone() for k, v in opt.state[table].items() if torch.is_tensor(v)}
