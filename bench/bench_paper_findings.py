@@ -29,7 +29,9 @@ import pyarrow.dataset as ds
 
 from bench.machine import describe
 from trainer.collapse.toy import interaction_collapse_toy
+from trainer.data.schema import read_schema
 from trainer.data.synthetic import SyntheticConfig, generate
+from trainer.run_dir import read_collapse_record
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE_FIELD_IDS = 1000  # a field with at least this many distinct training ids is "large"
@@ -62,11 +64,11 @@ class RunOutcome:
 
 
 def distinct_train_ids(data: str | Path) -> dict[str, int]:
-    """Field -> distinct ids in the dataset's training split."""
-    train = ds.dataset(f"{data}/train", format="parquet")
-    fields = [f.name for f in train.schema if f.name.startswith(("I", "C"))]
-    table = train.to_table(columns=fields)
-    return {f: pc.count_distinct(table.column(f)).as_py() for f in fields}
+    """Field -> distinct ids in the prepared dataset's training split."""
+    schema = read_schema(str(data))
+    files = [f"{data}/{name}" for name in schema.splits["train"].files]
+    table = ds.dataset(files, format="parquet").to_table(columns=schema.field_names)
+    return {f: pc.count_distinct(table.column(f)).as_py() for f in schema.field_names}
 
 
 def train_se_and_me(
@@ -86,8 +88,8 @@ def train_se_and_me(
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"the {mode} run failed:\n{proc.stderr[-3000:]}")
-        finals[mode] = json.loads((run / "collapse.jsonl").read_text().splitlines()[-1])["fields"]
         summary = json.loads((run / "summary.json").read_text())
+        finals[mode] = read_collapse_record(str(run), summary["best_step"])["fields"]  # the tested checkpoint's
         outcomes[mode] = RunOutcome(
             summary["test_auc"], summary["oracle_test_auc"], summary["train_examples_per_sec"], time.perf_counter() - start
         )

@@ -61,6 +61,7 @@ import yaml
 
 from trainer import configlib
 from trainer.errors import UserError, run_cli
+from trainer.run_dir import read_collapse_record
 
 log = logging.getLogger("sweep")
 
@@ -333,20 +334,9 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
 def read_collapse(run_dir: str, step: int | None = None) -> dict[str, Any] | None:
     """Means over fields of one ``collapse.jsonl`` record: the one at ``step`` (the best
     checkpoint, whose test metrics the tables show) when there is one, else the last."""
-    records = []
-    try:
-        lines = Path(run_dir, "collapse.jsonl").read_text().splitlines()
-    except OSError:
+    record = read_collapse_record(run_dir, step)
+    if record is None:
         return None
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line cut by a killed run
-            continue
-    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("fields"), dict) and r["fields"]]
-    if not records:
-        return None
-    record = next((r for r in reversed(records) if r.get("step") == step), records[-1])
     fields = record["fields"].values()
 
     def mean(values: list[Any]) -> float | None:

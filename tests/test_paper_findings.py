@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_paper_findings import LARGE_FIELD_IDS, SMALL_FIELD_IDS, train_se_and_me
+from bench.bench_paper_findings import train_se_and_me
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.data.synthetic import SyntheticConfig, generate
 
@@ -34,7 +34,7 @@ def se_vs_me(tmp_path_factory):
 
 def test_multi_embedding_is_less_collapsed_on_large_fields(se_vs_me):
     fields, _ = se_vs_me
-    large = [f for f in fields if f.train_ids >= LARGE_FIELD_IDS]
+    large = [f for f in fields if f.size == "large"]  # >= 1000 distinct training ids
     assert len(large) >= 5, [(f.field, f.train_ids) for f in fields]
     # the overall embedding of ME (its sets concatenated) against SE's table of the same width
     lower = [(f.field, round(f.se_ia_ratio, 3), round(f.me_ia_ratio, 3)) for f in large if not f.me_ia_ratio > f.se_ia_ratio]
@@ -44,7 +44,7 @@ def test_multi_embedding_is_less_collapsed_on_large_fields(se_vs_me):
     assert not similar, f"ME's sets are not more diverse than SE's column groups on {similar}"
     assert all(0 < f.se_ia_ratio < 1 and 0 < f.me_ia_ratio < 1 for f in large)  # trained: below the random baseline
     # and on average over every field with enough ids for its IA to say something (>= 50)
-    sized = [f for f in fields if f.train_ids >= SMALL_FIELD_IDS]
+    sized = [f for f in fields if f.size != "small"]
     se_mean = sum(f.se_ia_ratio for f in sized) / len(sized)
     me_mean = sum(f.me_ia_ratio for f in sized) / len(sized)
     assert me_mean > se_mean, (len(sized), se_mean, me_mean)

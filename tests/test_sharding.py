@@ -14,7 +14,6 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, table_wise
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
@@ -339,8 +338,7 @@ def test_row_sparse_optimizer_changes_only_looked_up_rows_and_their_state(name, 
     """Rows without a gradient keep their weights and optimizer state, also for Adam,
     whose momentum would otherwise keep moving a row after it was last looked up, and
     weight decay reaches only the rows looked up."""
-    optimizer_class = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam,
-                       "rowwise_adagrad": RowWiseAdagrad}[name]  # fmt: skip
+    optimizer_class = embedding_optimizer(name, CUDA, lr=0.1).optimizer_class  # CUDA: every name, adam included
     table = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
     opt = row_sparse_optimizer(optimizer_class, [table], {"lr": 0.1, "weight_decay": weight_decay})
     for rows in ([0, 2], [1, 2], [5]):

@@ -68,6 +68,28 @@ class RunDir:
         self.write_text("summary.txt", format_summary(summary, self.url))
 
 
+def read_collapse_record(run_url: str, step: int | None = None) -> dict[str, Any] | None:
+    """The ``collapse.jsonl`` record at ``step`` (e.g. the best checkpoint's, whose test
+    metrics a summary reports) when there is one, else the last; lines cut by a killed run
+    are skipped. None when the run has no usable record."""
+    fs, path = filesystem(join(run_url, "collapse.jsonl"))
+    try:
+        with fs.open(path, "r") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("fields"), dict) and r["fields"]]
+    if not records:
+        return None
+    return next((r for r in reversed(records) if r.get("step") == step), records[-1])
+
+
 def format_summary(s: dict[str, Any], run_url: str) -> str:
     def num(v: Any, fmt: str = ".5f") -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
