@@ -30,7 +30,8 @@ from bench.machine import describe
 from trainer.data.schema import SparseField
 from trainer.data.synthetic import CRITEO_CARDINALITIES
 from trainer.export.serving_model import ServingModel, export_program
-from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
+from trainer.job_config import EmbeddingConfig, ModelConfig
+from trainer.model import MultiEmbeddingCTR
 
 BATCHES = (1, 64, 512)
 

@@ -31,7 +31,7 @@ from bench.machine import describe
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.data.schema import read_schema
 from trainer.data.synthetic import SyntheticConfig, generate
-from trainer.run_dir import read_collapse_record
+from trainer.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE_FIELD_IDS = 1000  # a field with at least this many distinct training ids is "large"
@@ -88,8 +88,9 @@ def train_se_and_me(
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"the {mode} run failed:\n{proc.stderr[-3000:]}")
-        summary = json.loads((run / "summary.json").read_text())
-        finals[mode] = read_collapse_record(str(run), summary["best_step"])["fields"]  # the tested checkpoint's
+        run_dir = RunDir(str(run))
+        summary = run_dir.read_summary()
+        finals[mode] = run_dir.read_collapse_record(summary["best_step"])["fields"]  # the tested checkpoint's
         outcomes[mode] = RunOutcome(
             summary["test_auc"], summary["oracle_test_auc"], summary["train_examples_per_sec"], time.perf_counter() - start
         )

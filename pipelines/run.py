@@ -36,9 +36,10 @@ from torchx import specs
 from torchx.runner import Runner, get_runner
 
 from pipelines import components
-from trainer import configlib
-from trainer.data.storage import filesystem, join
+from trainer import typed_yaml
 from trainer.errors import UserError, run_cli
+from trainer.run_dir import SUMMARY, SUMMARY_TEXT, RunDir
+from trainer.storage import filesystem, join
 
 log = logging.getLogger("pipelines.run")
 
@@ -169,7 +170,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             sidecars=(out["generate"] + ".oracle.json", out["generate"] + ".truth.parquet")))
     stages.append(Stage("preprocess", out["preprocess"], join(out["preprocess"], "schema.json"), lambda: components.preprocess(
         input=raw, output=out["preprocess"], dataset=p.dataset, min_count=p.min_count, on_bad_rows=p.on_bad_rows, **common)))
-    stages.append(Stage("train", out["train"], join(out["train"], "summary.json"), lambda: components.train(
+    stages.append(Stage("train", out["train"], join(out["train"], SUMMARY), lambda: components.train(
         *t.overrides, config=t.config, data=out["preprocess"], run_dir=out["train"], j=t.j, gpu=t.gpu, cpu=t.cpu,
         memMB=t.memMB, max_retries=t.max_retries, run_id=run_id, pushgateway=pushgateway or None, **common)))
     if config.collapse.enabled:
@@ -293,17 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config values, e.g. train.j=2x8")
     a = p.parse_args(argv)
     overrides = list(a.set) + ([f"scheduler={a.scheduler}"] if a.scheduler else [])
-    config = configlib.load(PipelineConfig, a.config, overrides)
+    config = typed_yaml.load(PipelineConfig, a.config, overrides)
     started = time.monotonic()
     ran = run_pipeline(config, a.start_from, a.dryrun)
     if a.dryrun:
         return
     out = outputs(config)
-    summary = join(out["train"], "summary.txt")
-    fs, path = filesystem(summary)
-    if fs.exists(path):
-        with fs.open(path, "r") as f:
-            print("\n" + f.read())
+    summary = RunDir(out["train"]).read_text(SUMMARY_TEXT)
+    if summary is not None:
+        print("\n" + summary)
     print(f"pipeline done in {time.monotonic() - started:.0f}s (ran: {', '.join(ran) or 'nothing, all stages were done'})")
     for name in STAGES:
         if exists(out[name]):

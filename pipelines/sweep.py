@@ -59,9 +59,9 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from trainer import configlib
+from trainer import typed_yaml
 from trainer.errors import UserError, run_cli
-from trainer.run_dir import read_collapse_record
+from trainer.run_dir import RunDir
 
 log = logging.getLogger("sweep")
 
@@ -207,7 +207,7 @@ class SweepSpec:
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read and check a sweep spec (``overrides``: ``key=value`` on top, as the trainer's --set)."""
-    return configlib.load(SweepSpec, path, list(overrides))
+    return typed_yaml.load(SweepSpec, path, list(overrides))
 
 
 # ---- cells ------------------------------------------------------------------------------
@@ -313,13 +313,13 @@ def cell_command(spec: SweepSpec, cell: Cell, output: str) -> list[str]:
 
 def resolve_cell_config(spec: SweepSpec, cell: Cell, output: str) -> dict[str, Any]:
     """The cell's trainer config as the trainer will resolve it (its checks run here, up front)."""
-    from trainer.config import load_config
+    from trainer.job_config import load_config
 
     try:
         config = load_config(spec.config, cell_overrides(spec, cell, output))
     except UserError as e:
         raise UserError(f"cell {cell.id}: {e}") from None
-    return json.loads(json.dumps(configlib.to_dict(config)))
+    return json.loads(json.dumps(typed_yaml.to_dict(config)))
 
 
 def read_summary(run_dir: str) -> dict[str, Any] | None:
@@ -334,7 +334,7 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
 def read_collapse(run_dir: str, step: int | None = None) -> dict[str, Any] | None:
     """Means over fields of one ``collapse.jsonl`` record: the one at ``step`` (the best
     checkpoint, whose test metrics the tables show) when there is one, else the last."""
-    record = read_collapse_record(run_dir, step)
+    record = RunDir(run_dir).read_collapse_record(step)
     if record is None:
         return None
     fields = record["fields"].values()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from trainer.collapse.gram import field_gram
-from trainer.collapse.metrics import CollapseReport, analyze_field
+from trainer.collapse.analysis import CollapseReport, analyze_field
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.telemetry import Telemetry
 from trainer_fixtures import ok, tiny_dataset, train  # noqa: F401  (tiny_dataset: session fixture)

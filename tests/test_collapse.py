@@ -27,26 +27,27 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.collapse import (
-    CheckpointTables,
+from trainer.collapse.analysis import (
     CollapseReport,
-    FieldSpec,
-    TableWindow,
-    analyze_checkpoint,
     analyze_field,
-    analyze_windows,
-    distributed_field_grams,
-    field_gram,
+    ia_of_singular_values,
     information_abundance,
     principal_cosines,
     random_baseline_ia,
-    random_gram,
     set_diversity,
     singular_values,
 )
-from trainer.collapse.checkpoint_reader import WEIGHT_KEY, embedding_shape
-from trainer.collapse.gram import BASELINE_BLOCK_ROWS, clear_baseline_cache, random_block_seed, random_gram_part
-from trainer.collapse.metrics import ia_of_singular_values
+from trainer.collapse.gram import (
+    BASELINE_BLOCK_ROWS,
+    clear_baseline_cache,
+    field_gram,
+    random_block_seed,
+    random_gram,
+    random_gram_part,
+)
+from trainer.collapse.sharded_tables import FieldSpec, TableWindow, analyze_windows, distributed_field_grams
+from trainer.collapse.stored_tables import CheckpointTables, analyze_checkpoint
+from trainer.table_layout import checkpoint_weight_key, embedding_shape
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_report_json_round_trip_writes_nan_as_null():
 
 
 def test_embedding_shape_mirrors_the_model_config():
-    from trainer.model.config import EmbeddingConfig
+    from trainer.job_config import EmbeddingConfig
 
     for mode in ("se", "me"):
         for scale in (1, 2, 10):
@@ -297,7 +298,7 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
         report = analyze_windows(windows, DIST_FIELDS, dst=0, label="live", step=5, chunk_rows=5)
         from trainer.collapse.gram import cached_random_gram
 
-        from trainer.collapse.distributed import distributed_baselines
+        from trainer.collapse.sharded_tables import distributed_baselines
 
         distributed_baselines([FieldSpec("big", BASELINE_BLOCK_ROWS + 9, 2, 3)])  # 2 blocks: one per rank
         baseline = {"small": cached_random_gram(D_ROWS, 2 * D_DIM), "big": cached_random_gram(BASELINE_BLOCK_ROWS + 9, 6)}
@@ -327,10 +328,10 @@ def _save_sharded_checkpoint(rank: int, tables, path: str) -> None:
 
     mesh = init_device_mesh("cpu", (2,))
     state = {
-        WEIGHT_KEY.format(table="set0__a"): distribute_tensor(tables[("a", 0)], mesh, [Shard(1)]),
-        WEIGHT_KEY.format(table="set1__a"): distribute_tensor(tables[("a", 1)], mesh, [Shard(0)]),
-        WEIGHT_KEY.format(table="set0__b"): tables[("b", 0)].clone(),
-        WEIGHT_KEY.format(table="set1__b"): tables[("b", 1)].clone(),
+        checkpoint_weight_key(0, "a"): distribute_tensor(tables[("a", 0)], mesh, [Shard(1)]),
+        checkpoint_weight_key(1, "a"): distribute_tensor(tables[("a", 1)], mesh, [Shard(0)]),
+        checkpoint_weight_key(0, "b"): tables[("b", 0)].clone(),
+        checkpoint_weight_key(1, "b"): tables[("b", 1)].clone(),
     }
     dcp.save(state, checkpoint_id=path)
     dist.barrier()
@@ -470,7 +471,7 @@ def full_tables(ckpt_dir: Path, num_sets: int, field: str, rows: int, storage: i
     """The reference read: whole tables through plain ``dcp.load`` (no process group)."""
     import torch.distributed.checkpoint as dcp
 
-    state = {WEIGHT_KEY.format(table=f"set{m}__{field}"): torch.empty(rows, storage) for m in range(num_sets)}
+    state = {checkpoint_weight_key(m, field): torch.empty(rows, storage) for m in range(num_sets)}
     dcp.load(state, checkpoint_id=str(ckpt_dir))
     return list(state.values())
 

@@ -115,7 +115,7 @@ def test_cli_int8_artifact_scores_in_a_fresh_process_without_the_trainer(raw, ru
     assert q["mode"] == "int8" and q["fp32_table_bytes"] == 4 * values
     assert q["table_bytes"] == values * (1 + 4 / card["embedding"]["dim"])  # a byte per value, fp16 scale + bias per K
     assert ev["auc_change"] >= -0.001 and ev["int8_auc"] == pytest.approx(ev["fp32_auc"], abs=0.001)
-    from trainer.collapse.checkpoint_reader import analyze_checkpoint
+    from trainer.collapse.stored_tables import analyze_checkpoint
 
     offline = analyze_checkpoint(card["source"]["checkpoint"], progress=False).summary()  # the offline monitor's numbers
     assert card["collapse"]["mean_ia"] == pytest.approx(offline["mean_overall_ia"], rel=1e-9)
@@ -324,7 +324,8 @@ def test_every_model_exports_and_matches_its_eager_form(name, mode):
 
     from trainer.data.schema import SparseField
     from trainer.export.serving_model import ServingModel, export_program
-    from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
+    from trainer.job_config import EmbeddingConfig, ModelConfig
+    from trainer.model import MultiEmbeddingCTR
 
     fields = [SparseField(f"f{i}", 5 + 3 * i) for i in range(5)]
     model = MultiEmbeddingCTR.from_config(fields, ModelConfig(name=name, hidden=16), EmbeddingConfig(mode, 2, 4), seed=1).eval()

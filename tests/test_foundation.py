@@ -15,7 +15,7 @@ import pytest
 
 from trainer.data.schema import DatasetSchema, SparseField, read_schema, write_schema
 from trainer.data.splits import TEST, TRAIN, VAL, assign_splits, parse_split
-from trainer.data.storage import atomic_directory, filesystem
+from trainer.storage import atomic_directory, filesystem
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError

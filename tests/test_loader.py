@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.loader import CTRDataLoader, LoaderConfig, _Units
 from trainer.data.schema import DatasetSchema, SparseField, read_schema, write_schema
-from trainer.data.storage import filesystem, join
+from trainer.storage import filesystem, join
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError
 

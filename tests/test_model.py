@@ -11,12 +11,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 import trainer.model.sparse_arch as sparse_arch_module
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
+from trainer.job_config import EmbeddingConfig, ModelConfig
 from trainer.model import (
     INTERACTIONS,
     DCNv2Interaction,
     DNNInteraction,
-    EmbeddingConfig,
-    ModelConfig,
     MultiEmbeddingCTR,
     MultiEmbeddingSparseArch,
     init_table_,

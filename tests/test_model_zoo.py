@@ -15,21 +15,20 @@ from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.config import load_config
+from trainer.job_config import load_config
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import SparseField
 from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.errors import UserError
-from trainer.metrics import auc
+from trainer.eval_metrics import auc
+from trainer.job_config import EmbeddingConfig, ModelConfig
 from trainer.model import (
     INTERACTIONS,
     BilinearFusion,
     CINInteraction,
     DNNInteraction,
-    EmbeddingConfig,
     ExplicitPlusDNNTail,
     IPNNInteraction,
-    ModelConfig,
     MultiEmbeddingCTR,
     MultiEmbeddingSparseArch,
     NFwFMInteraction,

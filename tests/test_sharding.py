@@ -18,19 +18,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
-from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
-from trainer.row_sparse_optim import row_sparse_optimizer
-from trainer.sharding import (
-    ShardingConfig,
-    apply_embedding_optimizer,
-    combined_optimizer,
-    embedding_optimizer,
-    local_table_windows,
-    plan_placements,
-    plan_sharding,
-    render_plan,
-    shard_model,
-)
+from trainer.job_config import EmbeddingConfig, ModelConfig
+from trainer.model import MultiEmbeddingCTR
+from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer, row_sparse_optimizer
+from trainer.job_config import ShardingConfig
+from trainer.plan_table import plan_placements, render_plan
+from trainer.sharding import check_sharding_config, local_table_windows, plan_sharding, shard_model
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only passed to checks; nothing is allocated on it
@@ -89,7 +82,7 @@ def test_row_wise_on_cpu_names_the_usable_sharding_types(types):
     assert types[0] in message and "cpu" in message
     for usable in ("data_parallel", "table_wise", "column_wise", "table_column_wise"):
         assert usable in message
-    ShardingConfig(sharding_types=types).check(build().sparse_arch.tables, CUDA)  # fine on CUDA
+    check_sharding_config(ShardingConfig(sharding_types=types), build().sparse_arch.tables, CUDA)  # fine on CUDA
 
 
 def test_row_wise_per_field_on_cpu_is_refused_too():

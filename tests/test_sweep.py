@@ -261,9 +261,9 @@ def fake_records(spec: sw.SweepSpec, auc, status=lambda c: "done") -> list[dict]
 def make_spec(**extra) -> sw.SweepSpec:
     raw = {"datasets": {"d": "data/d"}, "models": ["dnn", "dcnv2"], "modes": ["se", "me"], "scales": [1, 2], "seeds": [0, 1]}
     raw.update(extra)
-    from trainer import configlib
+    from trainer import typed_yaml
 
-    return configlib.build(sw.SweepSpec, raw, "spec")
+    return typed_yaml.build(sw.SweepSpec, raw, "spec")
 
 
 def test_table_mean_std_best_and_shared_1x(tmp_path):

@@ -283,7 +283,7 @@ def test_resume_never_refuses_a_run_directory_with_checkpoints(runs):
 
 
 def test_config_reads_exponent_floats_and_names_bad_keys():
-    from trainer.config import load_config
+    from trainer.job_config import load_config
     from trainer.errors import UserError
 
     config = load_config(None, ["data.path=x", "optim.dense_lr=1e-3", "optim.weight_decay=1e-6"])
@@ -347,8 +347,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ru
 def test_checkpoint_refuses_non_finite_weights(tiny_dataset, tmp_path):
     """A blow-up can leave NaN/inf weights after a step whose loss was finite: save() must
     refuse them (in-process: NaN one fused table shard, then one dense weight)."""
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed, shutdown
+    from trainer.job_config import load_config
+    from trainer.dist_context import init_distributed, shutdown
     from trainer.errors import UserError
     from trainer.run_dir import RunDir
     from trainer.sharding import local_table_windows

@@ -6,6 +6,12 @@ into a different world size reshards), and ``meta.json``: the training
 position and what the model was built from. It is written under a temporary
 name, and ``meta.json`` plus the rename come last, after every rank has
 finished: a checkpoint is complete or invisible.
+
+This module owns the checkpoint format: the names (``step-XXXXXXXX``, ``meta.json``, DCP's
+``.metadata``), listing and resolving checkpoints, and saving and loading them. Listing and
+resolving need no torch (the sweep and the pipeline use them through ``trainer.run_dir``);
+torch's DCP is imported by the functions that move tensors. The keys of the tables in the
+saved state are ``trainer.table_layout``'s.
 """
 
 from __future__ import annotations
@@ -15,15 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-
-from trainer.data.storage import filesystem, join
 from trainer.errors import UserError
+from trainer.storage import filesystem, join
 
 _NAME = re.compile(r"^step-(\d{8})$")
-META = "meta.json"
+META = "meta.json"  # written last: the commit marker
+DCP_METADATA = ".metadata"  # DCP's own index of the shards
+RUN_CHECKPOINTS = "checkpoints"  # where a run directory keeps its checkpoints (trainer.run_dir)
 
 
 def checkpoint_name(step: int) -> str:
@@ -51,6 +55,33 @@ def list_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.step)
 
 
+def is_complete(url: str) -> bool:
+    """Whether ``url`` is a committed checkpoint (it has ``meta.json``)."""
+    fs, path = filesystem(url)
+    return fs.exists(join(path, META))
+
+
+def resolve_checkpoint(url: str) -> str:
+    """The checkpoint ``url`` names: a checkpoint directory itself, or a run directory (or
+    its ``checkpoints/``), meaning its latest complete checkpoint. UserError otherwise."""
+    url = url.rstrip("/") or url
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise UserError(f"checkpoint not found: {url}")
+    if fs.exists(join(path, META)):
+        return url
+    if fs.exists(join(path, DCP_METADATA)):
+        raise UserError(f"checkpoint {url} is incomplete: it has no {META} (not written by a finished save)")
+    for ckpt_dir in (join(url, RUN_CHECKPOINTS), url):
+        found = list_checkpoints(ckpt_dir)
+        if found:
+            return found[-1].url
+    raise UserError(
+        f"{url} is not a checkpoint (no {META}) nor a run directory with complete checkpoints "
+        f"(no {RUN_CHECKPOINTS}/step-XXXXXXXX/ in it)"
+    )
+
+
 def read_meta(url: str) -> dict[str, Any]:
     fs, path = filesystem(join(url, META))
     if not fs.exists(filesystem(url)[1]):
@@ -66,6 +97,8 @@ def read_meta(url: str) -> dict[str, Any]:
 
 def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Save ``state`` (model / optimizer state dicts) on every rank; rank 0 commits it. Returns its URL."""
+    import torch.distributed.checkpoint as dcp
+
     final = join(ckpt_dir, checkpoint_name(step))
     tmp = final + ".tmp"
     fs, tmp_path = filesystem(tmp)
@@ -93,19 +126,24 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) 
 def load(url: str, state: dict[str, Any]) -> None:
     """Load a checkpoint in place into ``state`` (every rank; check ``read_meta`` first). Clear
     errors, never a silent restart."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise UserError(f"checkpoint not found: {url}")
     try:
         dcp.load(state, checkpoint_id=url)
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank read errors in a BaseException
-        first = _first_error_line(e)
+        first = first_error_line(e)
         raise UserError(f"checkpoint {url} is corrupt or does not match this model: {first[:500]}") from None
 
 
-def _first_error_line(e: BaseException) -> str:
+def first_error_line(e: BaseException) -> str:
     """The root cause of a DCP failure in one line (a CheckpointException holds the per-rank
     failures; its own text is a traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException):
         failures = getattr(e, "failures", {}) or {}
         causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
@@ -134,6 +172,8 @@ def prune(ckpt_dir: str, keep: set[int]) -> None:
 def on_rank0(work: Callable[[], None]) -> None:
     """Run ``work`` on rank 0 and make every rank raise if it failed (collective): a failure
     on rank 0 alone must not leave the other ranks waiting in the next collective."""
+    import torch.distributed as dist
+
     if not dist.is_initialized() or dist.get_world_size() == 1:
         work()
         return
@@ -151,5 +191,7 @@ def on_rank0(work: Callable[[], None]) -> None:
 
 
 def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

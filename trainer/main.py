@@ -25,8 +25,8 @@ import os
 import warnings
 
 from trainer import checkpoint
-from trainer.config import load_config
-from trainer.distributed import init_distributed, shutdown
+from trainer.job_config import load_config
+from trainer.dist_context import init_distributed, shutdown
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import RunDir, format_summary
 from trainer.train import Trainer
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         def write_run_dir() -> None:  # only now: a refused config or checkpoint leaves the run directory as it was
             run_dir.create()
             run_dir.write_config(config)
-            run_dir.write_text("plan.txt", trainer.plan_text)
+            run_dir.write_plan(trainer.plan_text)
 
         checkpoint.on_rank0(write_run_dir)
         _fault_injection(trainer)

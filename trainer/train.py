@@ -30,41 +30,23 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from trainer import checkpoint
-from trainer.collapse.distributed import analyze_sharded_model
-from trainer.config import TrainConfig
+from trainer.collapse.sharded_tables import analyze_sharded_model
+from trainer.job_config import TrainConfig
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, read_schema
-from trainer.data.storage import filesystem
-from trainer.distributed import DistContext
+from trainer.storage import filesystem
+from trainer.dist_context import DistContext
 from trainer.errors import UserError
-from trainer.metrics import binary_metrics, gather
-from trainer.model.ctr_model import MultiEmbeddingCTR
+from trainer.eval_metrics import binary_metrics, gather
+from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
 from trainer.run_dir import RunDir
-from trainer.sharding import (
-    apply_embedding_optimizer,
-    combined_optimizer,
-    embedding_optimizer,
-    plan_sharding,
-    render_plan,
-    shard_model,
-)
+from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
+from trainer.plan_table import render_plan
+from trainer.sharding import plan_sharding, shard_model
+from trainer.table_layout import SPARSE_ARCH_PREFIX
 from trainer.telemetry import Telemetry
 
 log = logging.getLogger("trainer")
-
-
-class TrainModule(nn.Module):
-    """The CTR model with its loss, in the shape the pipeline wants:
-    ``Batch -> (loss (), (loss (), logits (B,), labels (B,)))``."""
-
-    def __init__(self, model: MultiEmbeddingCTR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch.sparse_features)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
 @dataclass
@@ -117,7 +99,7 @@ class Trainer:
         self.progress = Progress(world_size=ctx.world_size, batch_size=config.train.batch_size)
         self._last_collapse_step = -1
         m = config.monitoring
-        self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or posixpath.basename(run_dir.url.rstrip("/"))
+        self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or run_dir.name
         self.telemetry = (
             Telemetry(self.run_id, m.pushgateway or os.environ.get("CTR_PUSHGATEWAY", ""), m.metrics_port)
             if ctx.is_main
@@ -201,7 +183,7 @@ class Trainer:
             return
         buffers = [  # the dense model's only: the same list, in the same order, on every rank
             b for name, b in self.model.named_buffers()
-            if "sparse_arch." not in name and type(b) is torch.Tensor and b.is_floating_point() and b.numel()
+            if SPARSE_ARCH_PREFIX not in name and type(b) is torch.Tensor and b.is_floating_point() and b.numel()
         ]
         if not buffers:
             return
@@ -478,7 +460,7 @@ class Trainer:
                 for f in report.fields
             },
         }
-        self.run_dir.append_jsonl("collapse.jsonl", record)
+        self.run_dir.append_collapse(record)
         if self.telemetry:
             self.telemetry.record_collapse(report)
         ratios = {f.field: float(np.mean(f.set_ia_normalized)) for f in report.fields}
@@ -509,7 +491,7 @@ class Trainer:
         test_logits, test_labels = self.score("test")
         test = binary_metrics(test_logits, test_labels)
         if self.ctx.is_main:
-            self.run_dir.write_predictions("test_predictions.parquet", test_logits, test_labels)
+            self.run_dir.write_predictions(test_logits, test_labels)
         oracle = self.schema.recipe.get("oracle", {}).get("test") or {}
         summary = {
             "val_auc": val["auc"],

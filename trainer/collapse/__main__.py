@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from trainer.collapse.checkpoint_reader import DEFAULT_BAND_ROWS, analyze_checkpoint
-from trainer.collapse.gram import DEFAULT_CHUNK_ROWS
-from trainer.collapse.report import write_report
-from trainer.data.storage import filesystem, join
 from trainer.errors import UserError, run_cli
-from trainer.telemetry import MONITOR_JOB, Telemetry
+from trainer.run_dir import RunDir
+from trainer.storage import filesystem, join
 
 log = logging.getLogger("trainer.collapse")
 
@@ -31,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="PATH_OR_URL", help="the report directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--fields", help="comma-separated fields to analyse (default: all)")
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per float64 Gram chunk")
-    p.add_argument("--band-rows", type=int, default=DEFAULT_BAND_ROWS, help="rows per checkpoint read (at least one stored chunk)")
+    p.add_argument("--chunk-rows", type=int, help="rows per float64 Gram chunk (default: trainer.collapse.gram.DEFAULT_CHUNK_ROWS, 65536)")
+    p.add_argument("--band-rows", type=int,
+                   help="rows per checkpoint read, at least one stored chunk (default: stored_tables.DEFAULT_BAND_ROWS, 1048576)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline tables")
     p.add_argument("--no-plots", action="store_true", help="write collapse.json and report.html without PNGs")
     p.add_argument("--pushgateway", metavar="HOST:PORT", help="also push the collapse gauges to this Pushgateway")
@@ -42,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.chunk_rows < 1 or args.band_rows < 1:
+    from trainer.collapse.report import write_report
+    from trainer.collapse.stored_tables import analyze_checkpoint
+    from trainer.telemetry import MONITOR_JOB, Telemetry
+
+    if (args.chunk_rows is not None and args.chunk_rows < 1) or (args.band_rows is not None and args.band_rows < 1):
         raise UserError("--chunk-rows and --band-rows must be positive")
     fs, out_path = filesystem(args.output)
     if fs.exists(out_path) and not args.overwrite:  # before minutes of reading, not after
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     reports = []
     for url in args.checkpoint:
-        report = analyze_checkpoint(url, fields=fields, chunk_rows=args.chunk_rows, band_rows=args.band_rows, seed=args.seed)
+        sizes = {k: v for k, v in (("chunk_rows", args.chunk_rows), ("band_rows", args.band_rows)) if v is not None}
+        report = analyze_checkpoint(url, fields=fields, seed=args.seed, **sizes)
         s = report.summary()
         log.info(
             "%s: %d fields in %.1fs; mean IA %.2f (random %.2f, normalised %.3f), mean diversity %s",
@@ -69,10 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_name(checkpoint_url: str) -> str:
     """The run directory's name of ``RUN/checkpoints/step-N`` (or of ``RUN`` itself)."""
-    parts = [p for p in checkpoint_url.rstrip("/").split("/") if p]
-    if len(parts) >= 3 and parts[-2] == "checkpoints":
-        return parts[-3]
-    return parts[-1] if parts else "unknown"
+    run_dir = RunDir.of_checkpoint(checkpoint_url) or RunDir(checkpoint_url)
+    return run_dir.name or "unknown"
 
 
 if __name__ == "__main__":

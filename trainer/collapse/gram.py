@@ -4,7 +4,7 @@ Every collapse metric of a field comes from one matrix: the Gram ``G = E^T E`` o
 field's M embedding sets concatenated side by side, ``E = [E_0 | E_1 | ... | E_{M-1}]``
 (rows = ids, M*K columns). Its diagonal K x K blocks are the per-set Grams, the whole of
 it is the Gram of the "overall" embedding, and its off-diagonal blocks give the principal
-angles between sets (``trainer.collapse.metrics``).
+angles between sets (``trainer.collapse.analysis``).
 
 ``G`` is a sum over rows, so it is built in one pass over row chunks: no table has to fit
 in memory, only a ``chunk_rows x M*K`` float64 buffer. The chunks can come from tensors,

@@ -23,9 +23,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from trainer.collapse.metrics import CollapseReport
-from trainer.data.storage import atomic_directory, filesystem, join
+from trainer.checkpoint import RUN_CHECKPOINTS
+from trainer.collapse.analysis import CollapseReport
 from trainer.errors import UserError
+from trainer.storage import atomic_directory, filesystem, join
 
 FORMAT = "trainer.collapse/1"
 JSON_NAME = "collapse.json"
@@ -51,7 +52,7 @@ def distinct_labels(reports: Sequence[CollapseReport]) -> None:
     for i, r in enumerate(reports):
         if counts[r.label] > 1:
             parts = [p for p in r.source.replace("://", "/").split("/") if p]
-            name = parts[parts.index("checkpoints") - 1] if "checkpoints" in parts[1:] else (parts[-1] if parts else str(i))
+            name = parts[parts.index(RUN_CHECKPOINTS) - 1] if RUN_CHECKPOINTS in parts[1:] else (parts[-1] if parts else str(i))
             r.label = f"{r.label} [{name}]"
     seen: set[str] = set()
     for i, r in enumerate(reports):  # still equal (the same run twice): number them

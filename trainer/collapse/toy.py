@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.collapse.metrics import information_abundance
+from trainer.collapse.analysis import information_abundance
 
 
 @dataclass(frozen=True)

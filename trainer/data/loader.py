@@ -38,7 +38,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import DENSE_COLUMN, LABEL_COLUMN, DatasetSchema, read_schema
-from trainer.data.storage import filesystem, join
+from trainer.storage import filesystem, join
 from trainer.errors import UserError
 
 _UNIT_SALT, _WINDOW_SALT = 0, 1  # keep the two RNG streams of an epoch apart

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from trainer.data.raw_formats import RawFormat, raw_format
 from trainer.data.schema import MISSING_ID, OOV_ID, SPLITS, DatasetSchema, SparseField, SplitInfo, write_schema
 from trainer.data.splits import TRAIN, assign_splits, parse_split
-from trainer.data.storage import atomic_directory, filesystem, join, require_exists
+from trainer.storage import atomic_directory, filesystem, join, require_exists
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError, run_cli

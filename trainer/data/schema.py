@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.data.storage import filesystem, join
+from trainer.storage import filesystem, join
 from trainer.errors import UserError
 
 SPLITS = ("train", "val", "test")

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, write_schema
 from trainer.data.splits import assign_splits, parse_split, splitmix64
-from trainer.data.storage import atomic_directory, atomic_files
+from trainer.storage import atomic_directory, atomic_files
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError, run_cli

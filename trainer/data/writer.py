@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.data.schema import DENSE_COLUMN, LABEL_COLUMN, SPLITS, SplitInfo
-from trainer.data.storage import filesystem, join
+from trainer.storage import filesystem, join
 
 _WRITE_THREADS = 2
 _IN_FLIGHT = _WRITE_THREADS  # row groups handed to the threads and not yet written: bounds memory

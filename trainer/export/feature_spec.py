@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from trainer.data.raw_formats import FORMATS
 from trainer.data.schema import MISSING_ID, OOV_ID, DatasetSchema
-from trainer.data.storage import filesystem, join
+from trainer.storage import filesystem, join
 from trainer.data.transforms import criteo_integer_token
 from trainer.errors import UserError
 

@@ -1,7 +1,6 @@
-"""CTR models that scale with multi-embedding: configs, the sparse arch, interactions, the model."""
+"""CTR models that scale with multi-embedding: the sparse arch, interactions, heads, the model (configs: ``trainer.job_config``)."""
 
-from trainer.model.config import EMBEDDING_MODES, PAPER_SCALES, EmbeddingConfig, ModelConfig
-from trainer.model.ctr_model import MultiEmbeddingCTR
+from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
 from trainer.model.heads import (
     BilinearFusion,
     BilinearFusionHead,
@@ -25,11 +24,8 @@ from trainer.model.interactions import (
 from trainer.model.sparse_arch import MultiEmbeddingSparseArch, TableInfo, init_table_, table_name, table_seed
 
 __all__ = [
-    "EMBEDDING_MODES",
-    "PAPER_SCALES",
-    "EmbeddingConfig",
-    "ModelConfig",
     "MultiEmbeddingCTR",
+    "TrainModule",
     "ProjectionBlock",
     "ProjectedMLP",
     "ExplicitPlusDNN",

@@ -19,16 +19,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
-from trainer.model.config import EmbeddingConfig, ModelConfig
+from trainer.job_config import EmbeddingConfig, ModelConfig
 from trainer.model.heads import ProjectionBlock
 from trainer.model.interactions import INTERACTIONS
 from trainer.model.sparse_arch import MultiEmbeddingSparseArch
+from trainer.table_layout import SPARSE_ARCH_PREFIX
 
-__all__ = ["MultiEmbeddingCTR", "ProjectionBlock"]
+__all__ = ["MultiEmbeddingCTR", "ProjectionBlock", "TrainModule"]
 
 
 class MultiEmbeddingCTR(nn.Module):
@@ -96,7 +99,7 @@ class MultiEmbeddingCTR(nn.Module):
     def embedding_weight_keys(self) -> dict[tuple[int, str], str]:
         """(set, field) -> the state-dict key of that table's weight (the same key in the
         unsharded model, the ``DistributedModelParallel`` and DCP checkpoints)."""
-        return self.sparse_arch.weight_keys(prefix="sparse_arch.")
+        return self.sparse_arch.weight_keys(prefix=SPARSE_ARCH_PREFIX)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """
@@ -126,3 +129,18 @@ class MultiEmbeddingCTR(nn.Module):
             ]
         ).mean(dim=0)  # (B, P)
         return self.tail(fused).squeeze(-1)
+
+
+class TrainModule(nn.Module):
+    """The CTR model with its loss, in the shape TorchRec's train pipeline wants:
+    ``Batch -> (loss (), (loss (), logits (B,), labels (B,)))``. Checkpoints hold its state
+    dict (the model under ``model.``: ``trainer.table_layout.TRAIN_MODULE_PREFIX``)."""
+
+    def __init__(self, model: MultiEmbeddingCTR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch.sparse_features)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)

@@ -21,13 +21,12 @@ projection and the tail are for an interaction; every interaction class names it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class ProjectionBlock(nn.Module):

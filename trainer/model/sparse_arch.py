@@ -8,9 +8,10 @@ collection returns its keys in another order than the unsharded one, so the outp
 always assembled by key, never by position.
 
 FBGEMM's kernels need table widths divisible by 4, and the paper's base dim is 10:
-tables are stored ``storage_dim = ceil(K / 4) * 4`` wide and only their first K columns
-are used (the padding columns start at zero, get no gradient and never reach the
-model). Readers of the weights (collapse monitoring, export) take ``[:, :dim]``.
+tables are stored ``storage_dim(K)`` wide (``trainer.table_layout``, which also owns the
+table names and state-dict keys) and only their first K columns are used (the padding
+columns start at zero, get no gradient and never reach the model). Readers of the
+weights (collapse monitoring, export) take ``[:, :dim]``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
-
-
-def table_name(set_index: int, field: str) -> str:
-    """The name of the table that holds embedding set ``set_index`` of ``field``."""
-    return f"set{set_index}__{field}"
+from trainer.table_layout import storage_dim, table_name, table_weight_key
 
 
 @dataclass(frozen=True)
@@ -46,11 +43,6 @@ class TableInfo:
     cardinality: int
     dim: int  # K, the columns the model uses
     storage_dim: int  # the stored width: K rounded up to a multiple of 4 (FBGEMM)
-
-
-def storage_dim(dim: int) -> int:
-    """The stored width of a ``dim``-wide table: FBGEMM kernels need a multiple of 4."""
-    return -(-dim // 4) * 4
 
 
 INIT_BLOCK_ROWS = 1 << 16
@@ -175,10 +167,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         """(set, field) -> the state-dict key of that table's weight, under ``prefix`` (this
         module's path in the model, with a trailing dot). The same keys name the tables in
         the unsharded model, the ``DistributedModelParallel`` and DCP checkpoints."""
-        return {
-            (t.set_index, t.field): f"{prefix}embedding_bag_collection.embedding_bags.{t.table}.weight"
-            for t in self.tables
-        }
+        return {(t.set_index, t.field): table_weight_key(t.table, prefix) for t in self.tables}
 
     def stack(self, pooled: KeyedTensor) -> torch.Tensor:
         """Arrange the pooled embeddings by key.
@@ -203,3 +192,13 @@ class MultiEmbeddingSparseArch(nn.Module):
             torch.Tensor: (M, B, F, K).
         """
         return self.stack(self.embedding_bag_collection(features))
+
+
+def find_sparse_arch(module: nn.Module) -> tuple[str, "MultiEmbeddingSparseArch"]:
+    """The one ``MultiEmbeddingSparseArch`` inside ``module`` (the model, or a training
+    wrapper around it) and its path prefix, e.g. ``("model.sparse_arch.", arch)``."""
+    found = [(name, m) for name, m in module.named_modules() if isinstance(m, MultiEmbeddingSparseArch)]
+    if len(found) != 1:
+        raise ValueError(f"expected one MultiEmbeddingSparseArch in {type(module).__name__}, found {len(found)}")
+    name, arch = found[0]
+    return (f"{name}." if name else ""), arch

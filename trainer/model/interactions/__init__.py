@@ -8,7 +8,7 @@ that follow it. ``INTERACTIONS`` maps the config's ``model.name`` to its interac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -19,10 +19,8 @@ from trainer.model.interactions.finalmlp import FinalMLPInteraction
 from trainer.model.interactions.ipnn import IPNNInteraction
 from trainer.model.interactions.nfwfm import NFwFMInteraction
 from trainer.model.interactions.xdeepfm import CINInteraction
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
-    from trainer.model.heads import Head
+from trainer.job_config import ModelConfig
+from trainer.model.heads import Head
 
 
 class Interaction(Protocol):

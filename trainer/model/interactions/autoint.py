@@ -10,16 +10,12 @@ logit sum are xDeepFM's (``ExplicitPlusDNN`` head).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.heads import ExplicitPlusDNN
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class SelfAttentionLayer(nn.Module):

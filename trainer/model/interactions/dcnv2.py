@@ -6,16 +6,12 @@ Xavier-normal ``W_l``, zero ``b_l``); the paper uses 4 layers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet
 
 from trainer.model.heads import ProjectedMLP
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class DCNv2Interaction(nn.Module):

@@ -3,15 +3,11 @@ projection that follows does the (nonlinear) work."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from trainer.model.heads import ProjectedMLP
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class DNNInteraction(nn.Module):

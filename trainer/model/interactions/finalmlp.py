@@ -8,15 +8,11 @@ one shared ``BilinearFusion`` (``BilinearFusionHead``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from trainer.model.heads import BilinearFusionHead, ProjectionBlock
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class FinalMLPInteraction(nn.Module):

@@ -13,16 +13,12 @@ B x pairs x K tensor of elementwise products.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from trainer.errors import UserError
 from trainer.model.heads import ProjectedMLP
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class IPNNInteraction(nn.Module):

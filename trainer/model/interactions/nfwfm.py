@@ -22,16 +22,12 @@ larger than ``B x F x K``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from trainer.errors import UserError
 from trainer.model.heads import ProjectedMLP
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 def peak_intermediate_elements(batch: int, num_fields: int, dim: int) -> int:

@@ -19,15 +19,13 @@ instead of 1.25 GB for the first layer), and it runs 2-4x faster on CPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from trainer.model.heads import ExplicitPlusDNN
-
-if TYPE_CHECKING:
-    from trainer.model.config import ModelConfig
+from trainer.job_config import ModelConfig
 
 
 class CINInteraction(nn.Module):

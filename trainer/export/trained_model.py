@@ -7,20 +7,16 @@ describes, with no process group.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from trainer import checkpoint
-from trainer.collapse.checkpoint_reader import resolve_checkpoint
 from trainer.data.schema import SparseField
-from trainer.data.storage import filesystem, join
 from trainer.errors import UserError
-from trainer.model import EmbeddingConfig, ModelConfig, MultiEmbeddingCTR
-
-STATE_PREFIX = "model."  # the trainer saves {"model": TrainModule(model).state_dict(), "optim": ...}: keys model.model.*
+from trainer.job_config import EmbeddingConfig, ModelConfig
+from trainer.model import MultiEmbeddingCTR
+from trainer.run_dir import RunDir
+from trainer.table_layout import TRAIN_MODULE_PREFIX
 
 
 @dataclass
@@ -50,34 +46,14 @@ class CheckpointModel:
         return bool(best) and best.rstrip("/").rsplit("/", 1)[-1] == self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _read_json(url: str) -> dict[str, Any] | None:
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return None
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except json.JSONDecodeError:
-        return None
-
-
-def _run_dir_of(url: str) -> str | None:
-    parts = url.rstrip("/").rsplit("/", 2)
-    return parts[0] if len(parts) == 3 and parts[1] == "checkpoints" else None
-
-
 def resolve_for_export(url: str) -> str:
     """A checkpoint directory itself, or for a run directory its best checkpoint (from
     ``summary.json``) when that still exists, else its latest."""
-    summary = _read_json(join(url, "summary.json"))
-    best = (summary or {}).get("best_checkpoint")
-    if best:
-        name = best.rstrip("/").rsplit("/", 1)[-1]
-        candidate = join(url, "checkpoints", name)
-        fs, path = filesystem(candidate)
-        if fs.exists(join(path, checkpoint.META)):
-            return candidate
-    return resolve_checkpoint(url)
+    if not checkpoint.is_complete(url):
+        best = RunDir(url).best_checkpoint()
+        if best:
+            return best
+    return checkpoint.resolve_checkpoint(url)
 
 
 def build_model(identity: dict[str, Any], where: str) -> MultiEmbeddingCTR:
@@ -99,16 +75,10 @@ def load_checkpoint_model(url: str) -> CheckpointModel:
     if not isinstance(identity, dict):
         raise UserError(f"checkpoint {url}: its meta.json has no model identity (not written by trainer.main?)")
     model = build_model(identity, url)
-    state = {"model": {STATE_PREFIX + k: v for k, v in model.state_dict().items()}}
+    state = {"model": {TRAIN_MODULE_PREFIX + k: v for k, v in model.state_dict().items()}}
     checkpoint.load(url, state)
-    model.load_state_dict({k[len(STATE_PREFIX):]: v for k, v in state["model"].items()})
-    run_dir = _run_dir_of(url)
-    summary = _read_json(join(run_dir, "summary.json")) if run_dir else None
-    train_config = None
-    if run_dir:
-        fs, path = filesystem(join(run_dir, "config.yaml"))
-        if fs.exists(path):
-            with fs.open(path, "r") as f:
-                train_config = yaml.safe_load(f) or None
-    return CheckpointModel(model.eval(), url, meta, run_dir, summary, train_config)
-
+    model.load_state_dict({k[len(TRAIN_MODULE_PREFIX):]: v for k, v in state["model"].items()})
+    run_dir = RunDir.of_checkpoint(url)
+    summary = run_dir.read_summary() if run_dir else None
+    train_config = run_dir.read_config() if run_dir else None
+    return CheckpointModel(model.eval(), url, meta, run_dir.url if run_dir else None, summary, train_config)

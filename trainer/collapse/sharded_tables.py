@@ -43,7 +43,10 @@ from trainer.collapse.gram import (
     random_gram_part,
     store_random_gram,
 )
-from trainer.collapse.metrics import DEFAULT_RTOL, CollapseReport, analyze_field
+from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, analyze_field
+from trainer.model.sparse_arch import find_sparse_arch
+from trainer.sharding import local_table_windows
+from trainer.table_layout import table_name
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def _dedupe_and_check(pieces: list[_Piece], f: FieldSpec, s: int) -> list[_Piece
             continue
         seen.add(rect)
         kept.append(p)
-    where = f"table set{s}__{f.name} ({f.rows} x {f.dim})"
+    where = f"table {table_name(s, f.name)} ({f.rows} x {f.dim})"
     for p in kept:
         if p.r0 < 0 or p.r1 > f.rows or p.c0 < 0:
             raise ValueError(f"{where}: a window rows [{p.r0}, {p.r1}) cols [{p.c0}, {p.c1}) lies outside it")
@@ -268,8 +271,6 @@ def distributed_baselines(fields: Sequence[FieldSpec], seed: int = 0, group: Any
 def windows_from_sharded_model(sharded: Any) -> tuple[list[TableWindow], list[FieldSpec]]:
     """This rank's pieces of every table of a ``DistributedModelParallel`` built by
     ``trainer.sharding.shard_model`` (views of the live weights), and the fields."""
-    from trainer.sharding import find_sparse_arch, local_table_windows
-
     arch = find_sparse_arch(sharded.module)[1]
     windows = [TableWindow(t.set_index, t.field, row, col, w.detach()) for t, w, row, col in local_table_windows(sharded)]
     fields = [FieldSpec(name, _cardinality(arch, name), arch.num_sets, arch.dim) for name in arch.field_names]

@@ -1,9 +1,8 @@
 """Embedding tables out of a DCP checkpoint, one field at a time, in any process.
 
 A training checkpoint (``trainer.checkpoint``: ``RUN/checkpoints/step-XXXXXXXX/`` with
-DCP shards, ``.metadata`` and ``meta.json``) holds each table ``set{m}__{field}`` under
-``model.model.sparse_arch.embedding_bag_collection.embedding_bags.<table>.weight``, as the
-chunks the writing ranks held (whole tables, column slices, row slices). This reader
+DCP shards, ``.metadata`` and ``meta.json``) holds each table under the key
+``trainer.table_layout.checkpoint_weight_key`` gives, as the chunks the writing ranks held (whole tables, column slices, row slices). This reader
 needs no process group and no model: ``torch.distributed.checkpoint.load`` fills plain
 tensors in a single process (``no_dist``), whatever world size wrote the checkpoint, and
 a custom load plan asks only for a row window and the first ``dim`` columns of a table
@@ -39,43 +38,16 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from trainer.checkpoint import META, list_checkpoints, read_meta
+from trainer.checkpoint import DCP_METADATA, META, first_error_line, read_meta, resolve_checkpoint
 from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, field_gram_from_chunks
-from trainer.collapse.metrics import DEFAULT_RTOL, CollapseReport, FieldCollapse, analyze_field
-from trainer.data.storage import filesystem, join
+from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, FieldCollapse, analyze_field
+from trainer.storage import filesystem, join
 from trainer.errors import UserError
+from trainer.table_layout import EMBEDDING_MODES, checkpoint_weight_key, embedding_shape, table_name, table_weight_key
 
 log = logging.getLogger("trainer.collapse")
 
-DCP_METADATA = ".metadata"
-WEIGHT_KEY = "model.model.sparse_arch.embedding_bag_collection.embedding_bags.{table}.weight"
 DEFAULT_BAND_ROWS = 1 << 20
-
-
-def table_name(set_index: int, field: str) -> str:
-    """As ``trainer.model.sparse_arch.table_name`` (not imported: that pulls in torchrec)."""
-    return f"set{set_index}__{field}"
-
-
-def resolve_checkpoint(url: str) -> str:
-    """The checkpoint ``url`` names: a checkpoint directory itself, or a run directory (or
-    its ``checkpoints/``), meaning its latest complete checkpoint. UserError otherwise."""
-    url = url.rstrip("/") or url
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise UserError(f"checkpoint not found: {url}")
-    if fs.exists(join(path, META)):
-        return url
-    if fs.exists(join(path, DCP_METADATA)):
-        raise UserError(f"checkpoint {url} is incomplete: it has no {META} (not written by a finished save)")
-    for ckpt_dir in (join(url, "checkpoints"), url):
-        found = list_checkpoints(ckpt_dir)
-        if found:
-            return found[-1].url
-    raise UserError(
-        f"{url} is not a checkpoint (no {META}) nor a run directory with complete checkpoints "
-        f"(no checkpoints/step-XXXXXXXX/ in it)"
-    )
 
 
 @dataclass(frozen=True)
@@ -137,9 +109,9 @@ class CheckpointTables:
         for m in range(self.num_sets):
             for name, rows in self.fields:
                 table = table_name(m, name)
-                key = WEIGHT_KEY.format(table=table)
+                key = checkpoint_weight_key(m, name)
                 if key not in md:  # another wrapper path: any model key ending in the table's weight
-                    candidates = [k for k in md if k.startswith("model.") and k.endswith(f"embedding_bags.{table}.weight")]
+                    candidates = [k for k in md if k.startswith("model.") and k.endswith("." + table_weight_key(table))]
                     if len(candidates) != 1:
                         raise UserError(
                             f"checkpoint {self.url} has no embedding table {table} (expected the key {key}): "
@@ -197,9 +169,7 @@ class CheckpointTables:
                 warnings.filterwarnings("ignore", message=".*load in a single process.*")
                 dcp.load(state, storage_reader=self._reader(), planner=_WindowLoadPlanner(windows), no_dist=True)
         except (Exception, CheckpointException) as e:
-            from trainer.checkpoint import _first_error_line
-
-            raise UserError(f"checkpoint {self.url}: cannot read field {field!r} ({_first_error_line(e)[:300]})") from None
+            raise UserError(f"checkpoint {self.url}: cannot read field {field!r} ({first_error_line(e)[:300]})") from None
         return [state[self.tables[(m, field)].key] for m in range(self.num_sets)]
 
     def field_bands(self, field: str) -> Iterator[list[torch.Tensor]]:
@@ -230,15 +200,6 @@ class _WindowLoadPlanner(DefaultLoadPlanner):
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self.state_dict[index.fqn]
-
-
-EMBEDDING_MODES = ("se", "me")
-
-
-def embedding_shape(mode: str, scale: int, base_dim: int) -> tuple[int, int]:
-    """(M sets, K dim) of an embedding config: ``trainer.model.config.EmbeddingConfig``'s
-    ``num_sets``/``dim`` (mirrored, not imported: that module pulls in torchrec)."""
-    return (scale, base_dim) if mode == "me" else (1, scale * base_dim)
 
 
 def _embedding_of(identity: dict[str, Any], url: str) -> tuple[int, int, dict[str, Any]]:

@@ -1,0 +1,244 @@
+"""The training job's config: one YAML file of sections, checked at load time.
+
+    data:      the prepared dataset
+    run:       where the run directory goes, which device
+    model:     the interaction tower (``ModelConfig``)
+    embedding: SE/ME, scale, base dim (``EmbeddingConfig``; shapes in ``trainer.table_layout``)
+    train:     epochs, batch size, seed, evaluation / checkpoint cadence, early stopping
+    optim:     the fused embedding optimizer and the dense Adam
+    sharding:  planner constraints (``ShardingConfig``)
+    monitoring: collapse monitoring cadence, Prometheus export
+
+Pure data: every section is a frozen dataclass that checks its own values, and nothing
+here imports torch, so a CLI's ``--help``, the sweep and the pipeline read configs
+cheaply. What a device can run (sharding types, fused optimizers) is checked where the
+device is known: ``trainer.sharding`` and ``trainer.embedding_optim``.
+
+``python -m trainer.main --config FILE --set train.epochs=3`` overrides any key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from trainer import typed_yaml
+from trainer.errors import UserError
+from trainer.table_layout import EMBEDDING_MODES, PAPER_SCALES, embedding_shape
+
+DEVICES = ("auto", "cpu", "cuda")
+# every sharding type TorchRec knows; trainer.sharding says which ones a device runs
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+# the models of trainer.model.interactions.INTERACTIONS (tests/test_model_zoo.py keeps the two equal)
+MODEL_NAMES = ("dnn", "dcnv2", "ipnn", "nfwfm", "xdeepfm", "finalmlp", "autoint")
+
+
+def _require_positive_ints(config: object, section: str, names: tuple[str, ...], hint: str = "") -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{section} {name} {value!r}: expected a positive integer{hint}")
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """``mode``: ``"se"`` or ``"me"``; ``scale``: the paper's k (1, 2, 3, 4, 10);
+    ``base_dim``: the 1x embedding dim (10 in the paper, 50 for NFwFM)."""
+
+    mode: str = "me"
+    scale: int = 1
+    base_dim: int = 10
+
+    def __post_init__(self) -> None:
+        if self.mode not in EMBEDDING_MODES:
+            raise UserError(f"embedding mode {self.mode!r}: expected one of {list(EMBEDDING_MODES)}")
+        _require_positive_ints(self, "embedding", ("scale", "base_dim"), f" (paper scales: {list(PAPER_SCALES)})")
+
+    @property
+    def num_sets(self) -> int:
+        """M: the number of independent embedding sets."""
+        return embedding_shape(self.mode, self.scale, self.base_dim)[0]
+
+    @property
+    def dim(self) -> int:
+        """K: the embedding dim of every table."""
+        return embedding_shape(self.mode, self.scale, self.base_dim)[1]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name``: the model, i.e. its interaction (run once per embedding set) and the head
+    that follows it: ``"dnn"``, ``"dcnv2"``, ``"ipnn"``, ``"nfwfm"``, ``"xdeepfm"``,
+    ``"finalmlp"`` or ``"autoint"`` (see ``trainer.model.interactions``; ``MODEL_NAMES``).
+
+    ``hidden`` and ``dropout`` size every MLP: the per-set projection, the shared tail and
+    FinalMLP's towers (400 and 0.2 in the paper). The other keys are read by one model
+    each (and validated always):
+
+    - ``cross_layers``: depth of the DCNv2 cross net (4).
+    - ``cin_layers``: xDeepFM's CIN layer sizes ((16, 16)).
+    - ``tower_layers``: the depth of each FinalMLP tower, of width ``hidden`` (2).
+    - ``attention_dim``, ``attention_heads``, ``attention_layers``: AutoInt's
+      self-attention width (divisible by the heads), heads and layers (64, 2, 3).
+    """
+
+    name: str = "dcnv2"
+    hidden: int = 400
+    dropout: float = 0.2
+    cross_layers: int = 4
+    cin_layers: tuple[int, ...] = (16, 16)
+    tower_layers: int = 2
+    attention_dim: int = 64
+    attention_heads: int = 2
+    attention_layers: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise UserError(f"model {self.name!r}: expected one of {sorted(MODEL_NAMES)}")
+        _require_positive_ints(
+            self, "model", ("hidden", "cross_layers", "tower_layers", "attention_dim", "attention_heads", "attention_layers")
+        )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model dropout {self.dropout!r}: expected a probability in [0, 1)")
+        layers = self.cin_layers
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in layers)
+        ):
+            raise UserError(f"model cin_layers {layers!r}: expected a non-empty list of positive integers, e.g. [16, 16]")
+        object.__setattr__(self, "cin_layers", tuple(layers))
+        if self.attention_dim % self.attention_heads:
+            raise UserError(
+                f"model attention_dim {self.attention_dim} is not divisible by attention_heads {self.attention_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Constraints on the sharding plan.
+
+    Attributes:
+        sharding_types: the types any table may use; empty = every type the device runs.
+        per_table: table-name pattern (``fnmatch``, e.g. ``"set*__C1"`` or ``"set0__*"``)
+            -> allowed types; the first matching pattern wins over ``per_field`` and the
+            global list.
+        per_field: field name -> allowed types for all the field's sets; wins over the
+            global list.
+        storage_cap_bytes: per-rank cap on the memory the tables are placed in (HBM on
+            CUDA, DDR on CPU); None = TorchRec's default topology.
+    """
+
+    sharding_types: tuple[str, ...] = ()
+    per_table: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    per_field: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    storage_cap_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for where, types in self._type_lists():
+            if isinstance(types, str):
+                raise UserError(f"sharding {where}: expected a list of sharding types, got the string {types!r}")
+            unknown = [t for t in types if t not in SHARDING_TYPES]
+            if unknown:
+                raise UserError(f"sharding {where}: unknown sharding types {unknown}; known: {list(SHARDING_TYPES)}")
+            if where != "sharding_types" and not types:
+                raise UserError(f"sharding {where}: empty list of sharding types")
+        cap = self.storage_cap_bytes
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise UserError(f"sharding storage_cap_bytes {cap!r}: expected a positive integer (bytes per rank)")
+
+    def _type_lists(self) -> list[tuple[str, Sequence[str]]]:
+        return (
+            [("sharding_types", self.sharding_types)]
+            + [(f"per_table[{p!r}]", t) for p, t in self.per_table.items()]
+            + [(f"per_field[{f!r}]", t) for f, t in self.per_field.items()]
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str  # a prepared dataset directory (path or fsspec URL)
+    shuffle_window_rows: int = 1 << 18
+
+    def __post_init__(self) -> None:
+        if self.shuffle_window_rows < 1:
+            raise UserError(f"data.shuffle_window_rows must be >= 1, got {self.shuffle_window_rows}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # the run directory: config, plan, metrics, checkpoints, summary
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise UserError(f"run.device {self.device!r}: expected one of {list(DEVICES)}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 10
+    batch_size: int = 2048  # per rank
+    seed: int = 0
+    eval_every_steps: int = 0  # also evaluate every N steps (0: at epoch ends only)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: with evaluations only)
+    patience: int = 3  # evaluations without a better validation AUC before stopping
+    max_steps: int = 0  # stop after this many steps (0: no limit)
+    log_every_steps: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "eval_every_steps", "checkpoint_every_steps", "max_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.patience < 1 or self.log_every_steps < 1:
+            raise UserError("train.patience and train.log_every_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    embedding: str = "rowwise_adagrad"  # sgd | adagrad | rowwise_adagrad; adam on CUDA (the paper's)
+    embedding_lr: float = 0.05
+    dense_lr: float = 1e-3  # dense Adam, as the paper
+    weight_decay: float = 1e-6  # dense Adam; the embedding tables too on CUDA (L2 on looked-up rows; CPU kernels have none)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not (self.embedding_lr > 0 and self.dense_lr > 0):
+            raise UserError("optim.embedding_lr and optim.dense_lr must be positive")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """Collapse monitoring and metric export (see trainer/telemetry.py for the series)."""
+
+    run_id: str = ""  # the ``run`` label of every series; "" = $CTR_RUN_ID, else the run directory's name
+    pushgateway: str = ""  # host:port of a Prometheus Pushgateway; "" = $CTR_PUSHGATEWAY, else no push
+    metrics_port: int = 0  # also serve /metrics from rank 0 on this port (0 = no)
+    collapse_every_steps: int = 0  # IA / set diversity every N steps too (0 = at each evaluation only)
+
+    def __post_init__(self) -> None:
+        if self.metrics_port < 0 or self.collapse_every_steps < 0:
+            raise UserError("monitoring.metrics_port and monitoring.collapse_every_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides; clear errors for unknown keys and bad values."""
+    return typed_yaml.load(TrainConfig, path, list(overrides))
