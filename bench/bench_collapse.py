@@ -27,9 +27,9 @@ import time
 import numpy as np
 import torch
 
+from bench.machine import describe
 from trainer.collapse.analysis import analyze_field, ia_of_singular_values
 from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, clear_baseline_cache, field_gram, random_gram
-from bench.machine import describe
 
 
 class NpyRows:

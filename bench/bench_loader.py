@@ -10,17 +10,16 @@ for world_size 1 and for each rank of world_size 2, shuffle on and off.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import tempfile
 import time
 
 import numpy as np
 
+from bench.machine import describe
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, SparseField, write_schema
 from trainer.data.writer import DatasetWriter, make_table
-from bench.machine import describe
 
 # I1-I13 as tokens (floor(ln(v)^2) buckets), then C1-C26 (Criteo Kaggle distinct counts)
 CARDINALITIES = [50, 100, 120, 60, 200, 90, 80, 60, 110, 8, 40, 40, 60] + [

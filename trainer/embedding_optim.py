@@ -42,6 +42,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from trainer.errors import UserError
 from trainer.model.sparse_arch import find_sparse_arch
 
+
 @dataclass(frozen=True)
 class EmbeddingOptimizer:
     """A fused embedding optimizer: the torch optimizer class TorchRec maps to an FBGEMM

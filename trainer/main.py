@@ -23,13 +23,15 @@ import argparse
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 from trainer import checkpoint
-from trainer.job_config import load_config
-from trainer.dist_context import init_distributed, shutdown
 from trainer.errors import UserError, run_cli
+from trainer.job_config import load_config
 from trainer.run_dir import RunDir, format_summary
-from trainer.train import Trainer
+
+if TYPE_CHECKING:
+    from trainer.train import Trainer
 
 log = logging.getLogger("trainer")
 
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _quiet_libraries()
     config = load_config(args.config, args.overrides)
+    # torch, torchrec and fbgemm load only now: --help and a refused config answer at once
+    from trainer.dist_context import init_distributed, shutdown
+    from trainer.train import Trainer
+
     ctx = init_distributed(config.run.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)

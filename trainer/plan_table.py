@@ -10,6 +10,7 @@ from torchrec.distributed.types import EnumerableShardingSpec, ShardingPlan
 from trainer.errors import UserError
 from trainer.model.sparse_arch import TableInfo
 
+
 @dataclass(frozen=True)
 class TablePlacement:
     """Where one (set, field) table lives: its sharding type and its shards (rank, size)."""

@@ -13,7 +13,6 @@ import logging
 import time
 
 from trainer.errors import UserError, run_cli
-from trainer.export.runtime import ArtifactError, Predictor
 
 log = logging.getLogger("trainer.predict")
 
@@ -25,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="the CSV of probabilities to write")
     p.add_argument("--batch-rows", type=int, default=8192, help="rows per scoring batch")
     a = p.parse_args(argv)
+    from trainer.export.runtime import ArtifactError, Predictor
+
     if a.batch_rows < 1:
         raise UserError("--batch-rows must be positive")
     started = time.monotonic()

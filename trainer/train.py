@@ -22,8 +22,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.datasets.utils import Batch
@@ -31,18 +29,18 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from trainer import checkpoint
 from trainer.collapse.sharded_tables import analyze_sharded_model
-from trainer.job_config import TrainConfig
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, read_schema
-from trainer.storage import filesystem
 from trainer.dist_context import DistContext
+from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
 from trainer.errors import UserError
 from trainer.eval_metrics import binary_metrics, gather
+from trainer.job_config import TrainConfig
 from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
-from trainer.run_dir import RunDir
-from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
 from trainer.plan_table import render_plan
+from trainer.run_dir import RunDir
 from trainer.sharding import plan_sharding, shard_model
+from trainer.storage import filesystem
 from trainer.table_layout import SPARSE_ARCH_PREFIX
 from trainer.telemetry import Telemetry
 

@@ -8,8 +8,8 @@ scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
 
 from __future__ import annotations
 
-import dataclasses
 import collections.abc
+import dataclasses
 import types
 import typing
 from pathlib import Path

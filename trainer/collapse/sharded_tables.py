@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, analyze_field
 from trainer.collapse.gram import (
     DEFAULT_CHUNK_ROWS,
     FieldGram,
@@ -43,7 +44,6 @@ from trainer.collapse.gram import (
     random_gram_part,
     store_random_gram,
 )
-from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, analyze_field
 from trainer.model.sparse_arch import find_sparse_arch
 from trainer.sharding import local_table_windows
 from trainer.table_layout import table_name

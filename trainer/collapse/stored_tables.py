@@ -39,11 +39,18 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from trainer.checkpoint import DCP_METADATA, META, first_error_line, read_meta, resolve_checkpoint
-from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, field_gram_from_chunks
 from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, FieldCollapse, analyze_field
-from trainer.storage import filesystem, join
+from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, field_gram_from_chunks
 from trainer.errors import UserError
-from trainer.table_layout import EMBEDDING_MODES, checkpoint_weight_key, embedding_shape, table_name, table_weight_key
+from trainer.storage import filesystem, join
+from trainer.table_layout import (
+    CHECKPOINT_MODEL_PREFIX,
+    EMBEDDING_MODES,
+    checkpoint_weight_key,
+    embedding_shape,
+    table_name,
+    table_weight_key,
+)
 
 log = logging.getLogger("trainer.collapse")
 
@@ -111,7 +118,7 @@ class CheckpointTables:
                 table = table_name(m, name)
                 key = checkpoint_weight_key(m, name)
                 if key not in md:  # another wrapper path: any model key ending in the table's weight
-                    candidates = [k for k in md if k.startswith("model.") and k.endswith("." + table_weight_key(table))]
+                    candidates = [k for k in md if k.startswith(CHECKPOINT_MODEL_PREFIX) and k.endswith("." + table_weight_key(table))]
                     if len(candidates) != 1:
                         raise UserError(
                             f"checkpoint {self.url} has no embedding table {table} (expected the key {key}): "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from trainer.errors import run_cli
-from trainer.export.artifact import QUANTIZE_MODES, ExportConfig, export_artifact
+from trainer.export import QUANTIZE_MODES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-rows", type=int, help="test rows to score at export (default: the whole test split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
+    from trainer.export.artifact import ExportConfig, export_artifact
+
     card = export_artifact(
         ExportConfig(a.checkpoint, a.output, a.quantize, a.dataset, a.max_auc_drop, a.eval_rows, a.overwrite)
     )

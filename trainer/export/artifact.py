@@ -32,21 +32,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from trainer.collapse.gram import field_gram
 from trainer.collapse.analysis import CollapseReport, analyze_field
+from trainer.collapse.gram import field_gram
 from trainer.data.schema import DatasetSchema, read_schema
-from trainer.storage import atomic_directory, filesystem, join
 from trainer.errors import UserError
-from trainer.export import runtime
-from trainer.export.trained_model import CheckpointModel, load_checkpoint_model
+from trainer.eval_metrics import auc
+from trainer.export import QUANTIZE_MODES, runtime
 from trainer.export.feature_spec import build_feature_spec
 from trainer.export.model_card import render_model_card
 from trainer.export.serving_model import ServingModel, export_program
-from trainer.eval_metrics import auc
+from trainer.export.trained_model import CheckpointModel, load_checkpoint_model
+from trainer.storage import atomic_directory, filesystem, join
 
 log = logging.getLogger("trainer.export")
 
-QUANTIZE_MODES = ("none", "int8")
 EVAL_BATCH = 8192
 
 

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from trainer.data.raw_formats import FORMATS
 from trainer.data.schema import MISSING_ID, OOV_ID, DatasetSchema
-from trainer.storage import filesystem, join
 from trainer.data.transforms import criteo_integer_token
 from trainer.errors import UserError
+from trainer.storage import filesystem, join
 
 IDENTITY_MAX = 2  # criteo_integer_token keeps v <= 2 as is
 LARGEST_INTEGER = 10**18 - 1  # the preprocessor accepts at most 18 digits

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from trainer.job_config import ModelConfig
+from trainer.model.heads import Head
 from trainer.model.interactions.autoint import AutoIntInteraction
 from trainer.model.interactions.dcnv2 import DCNv2Interaction
 from trainer.model.interactions.dnn import DNNInteraction
@@ -19,8 +21,6 @@ from trainer.model.interactions.finalmlp import FinalMLPInteraction
 from trainer.model.interactions.ipnn import IPNNInteraction
 from trainer.model.interactions.nfwfm import NFwFMInteraction
 from trainer.model.interactions.xdeepfm import CINInteraction
-from trainer.job_config import ModelConfig
-from trainer.model.heads import Head
 
 
 class Interaction(Protocol):

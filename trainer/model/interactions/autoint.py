@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.heads import ExplicitPlusDNN
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ExplicitPlusDNN
 
 
 class SelfAttentionLayer(nn.Module):

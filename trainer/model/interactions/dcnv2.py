@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet
 
-from trainer.model.heads import ProjectedMLP
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ProjectedMLP
 
 
 class DCNv2Interaction(nn.Module):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.model.heads import ProjectedMLP
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ProjectedMLP
 
 
 class DNNInteraction(nn.Module):

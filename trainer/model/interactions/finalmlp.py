@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.model.heads import BilinearFusionHead, ProjectionBlock
 from trainer.job_config import ModelConfig
+from trainer.model.heads import BilinearFusionHead, ProjectionBlock
 
 
 class FinalMLPInteraction(nn.Module):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.model.heads import ProjectedMLP
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ProjectedMLP
 
 
 class IPNNInteraction(nn.Module):

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.model.heads import ProjectedMLP
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ProjectedMLP
 
 
 def peak_intermediate_elements(batch: int, num_fields: int, dim: int) -> int:

@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from trainer.model.heads import ExplicitPlusDNN
 from trainer.job_config import ModelConfig
+from trainer.model.heads import ExplicitPlusDNN
 
 
 class CINInteraction(nn.Module):
