@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench sweep-small clean
+.PHONY: setup demo test test-fast bench sweep-small clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The developer's loop: everything but the tests marked slow (end-to-end runs), about 30 s.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: setup
 	$(PY) -m bench

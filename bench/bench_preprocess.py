@@ -20,11 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.machine import describe
+
 _RUN = """
 import json, resource, sys, time
 from bench.bench_preprocess import busy_seconds
 from trainer.data.preprocess import PreprocessConfig, preprocess
-from bench.machine import describe
 wall, cpu, busy = time.perf_counter(), time.process_time(), busy_seconds()
 schema = preprocess(PreprocessConfig(dataset="criteo", input=sys.argv[1], output=sys.argv[2], progress=False))
 print(json.dumps({

@@ -24,12 +24,10 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from pipelines.paper_results import CITATION, display_name, paper_test_auc
-
-if TYPE_CHECKING:
-    from pipelines.sweep import SweepSpec
+from pipelines.sweep_spec import SweepSpec
 
 # metric -> (title, higher is better)
 METRICS = {
@@ -100,7 +98,7 @@ def best_keys(stats: dict[Key, Stat | float | None], higher_is_better: bool) -> 
     return best
 
 
-def paper_stats(spec: "SweepSpec", paper_dataset: str) -> dict[Key, float | None]:
+def paper_stats(spec: SweepSpec, paper_dataset: str) -> dict[Key, float | None]:
     return {
         (model, mode, scale): paper_test_auc(paper_dataset, model, mode, scale)
         for model in spec.models
@@ -124,7 +122,7 @@ def format_stat(s: Stat | None, bold: bool = False) -> str:
     return text
 
 
-def _md_table(spec: "SweepSpec", cells: dict[Key, str]) -> list[str]:
+def _md_table(spec: SweepSpec, cells: dict[Key, str]) -> list[str]:
     lines = ["| Model | | " + " | ".join(f"{s}x" for s in spec.scales) + " |",
              "| --- | --- | " + " | ".join("---" for _ in spec.scales) + " |"]  # fmt: skip
     for model in spec.models:
@@ -134,7 +132,7 @@ def _md_table(spec: "SweepSpec", cells: dict[Key, str]) -> list[str]:
     return lines
 
 
-def render_markdown(spec: "SweepSpec", output: str, records: Sequence[dict[str, Any]]) -> str:
+def render_markdown(spec: SweepSpec, output: str, records: Sequence[dict[str, Any]]) -> str:
     counts = {k: sum(r["status"] == k for r in records) for k in ("done", "failed", "missing")}
     n_seeds = len(spec.seeds)
     out = [
@@ -174,7 +172,7 @@ def render_markdown(spec: "SweepSpec", output: str, records: Sequence[dict[str, 
     return "\n".join(out)
 
 
-def render_csv(spec: "SweepSpec", records: Sequence[dict[str, Any]]) -> str:
+def render_csv(spec: SweepSpec, records: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "metric", "source", "model", "mode"]
@@ -211,7 +209,7 @@ def render_csv(spec: "SweepSpec", records: Sequence[dict[str, Any]]) -> str:
 # ---- plots ------------------------------------------------------------------------------
 
 
-def _figure(spec: "SweepSpec", records: Sequence[dict[str, Any]], metric: str, ylabel: str, with_paper: bool) -> bytes:
+def _figure(spec: SweepSpec, records: Sequence[dict[str, Any]], metric: str, ylabel: str, with_paper: bool) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +261,7 @@ def _figure(spec: "SweepSpec", records: Sequence[dict[str, Any]], metric: str, y
     return buf.getvalue()
 
 
-def render_figures(spec: "SweepSpec", records: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+def render_figures(spec: SweepSpec, records: Sequence[dict[str, Any]]) -> dict[str, bytes]:
     return {
         "auc_vs_scale.png": _figure(spec, records, "test_auc", "test AUC", with_paper=True),
         "ia_vs_scale.png": _figure(spec, records, "mean_ia", "mean IA over fields", with_paper=False),
@@ -298,13 +296,13 @@ def write_results_jsonl(output: str, records: Sequence[dict[str, Any]]) -> None:
     _write_atomic(output, "results.jsonl", "".join(lines))
 
 
-def write_tables(spec: "SweepSpec", output: str, records: Sequence[dict[str, Any]]) -> None:
+def write_tables(spec: SweepSpec, output: str, records: Sequence[dict[str, Any]]) -> None:
     write_results_jsonl(output, records)
     _write_atomic(output, "table.md", render_markdown(spec, output, records))
     _write_atomic(output, "table.csv", render_csv(spec, records))
 
 
-def write_report(spec: "SweepSpec", output: str, records: Sequence[dict[str, Any]], plots: bool = True) -> list[str]:
+def write_report(spec: SweepSpec, output: str, records: Sequence[dict[str, Any]], plots: bool = True) -> list[str]:
     """Write every report file; returns their names."""
     write_tables(spec, output, records)
     names = ["results.jsonl", "table.md", "table.csv"]

@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import ROOT, free_port, ok, train
 from trainer.collapse.gram import field_gram
 from trainer.collapse.analysis import CollapseReport, analyze_field
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.telemetry import Telemetry
-from trainer_fixtures import ok, tiny_dataset, train  # noqa: F401  (tiny_dataset: session fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus"
 NEEDS = {"promtool": "prometheus", "prometheus": "prometheus", "prometheus-pushgateway": "prometheus-pushgateway"}
 missing = [binary for binary in NEEDS if shutil.which(binary) is None]
@@ -52,12 +49,6 @@ def _report(table, run: str) -> CollapseReport:
     return CollapseReport(source="toy", label=run, fields=[field], num_sets=1, dim=table.shape[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.load(response)
@@ -77,7 +68,7 @@ def _wait_until(condition, timeout: float, what: str):
 def prometheus_stack(tmp_path):
     """Pushgateway + Prometheus on loopback; Prometheus scrapes the gateway every second and
     evaluates the shipped rules, with `for:` durations cut to 0s (the only change)."""
-    gateway_port, prometheus_port = _free_port(), _free_port()
+    gateway_port, prometheus_port = free_port(), free_port()
     rules = yaml.safe_load((RULES / "rules.yaml").read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
@@ -127,6 +118,7 @@ def _ready(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_alert_fires_for_a_collapsed_embedding_and_not_for_a_healthy_one(prometheus_stack):
     gateway, prometheus = prometheus_stack
     collapsed = interaction_collapse_toy(fixed_rank=1)  # interacted with a rank-1 field
@@ -148,7 +140,7 @@ def test_alert_fires_for_a_collapsed_embedding_and_not_for_a_healthy_one(prometh
 
 
 def test_unreachable_pushgateway_warns_once_and_never_raises(caplog):
-    closed_port = _free_port()  # nothing listens there
+    closed_port = free_port()  # nothing listens there
     telemetry = Telemetry("r", pushgateway=f"127.0.0.1:{closed_port}")
     with caplog.at_level("WARNING", logger="trainer.telemetry"):
         for step in range(3):
@@ -158,6 +150,7 @@ def test_unreachable_pushgateway_warns_once_and_never_raises(caplog):
     assert len(warnings) == 1 and f"127.0.0.1:{closed_port}" in warnings[0].getMessage()
 
 
+@pytest.mark.slow
 def test_training_job_pushes_its_metrics_to_a_real_pushgateway(prometheus_stack, tiny_dataset, tmp_path):
     """The trainer's own export (rank 0, Pushgateway, grouping key run=<id>), read back
     through Prometheus: validation metrics and per-field, per-set collapse gauges."""
@@ -200,7 +193,7 @@ def test_training_job_pushes_its_metrics_to_a_real_pushgateway(prometheus_stack,
 
 
 def test_metrics_are_served_on_a_metrics_port():
-    port = _free_port()
+    port = free_port()
     telemetry = Telemetry("served-run", metrics_port=port)
     telemetry.record_train(7, loss=0.25, examples=100, examples_per_second=50.0)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

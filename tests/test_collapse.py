@@ -17,9 +17,7 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -27,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import PYTHON, ROOT, VENV_BIN, cli_env, free_port
 from trainer.collapse.analysis import (
     CollapseReport,
     analyze_field,
@@ -49,10 +48,6 @@ from trainer.collapse.sharded_tables import FieldSpec, TableWindow, analyze_wind
 from trainer.collapse.stored_tables import CheckpointTables, analyze_checkpoint
 from trainer.table_layout import checkpoint_weight_key, embedding_shape
 from trainer.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = ROOT / ".venv" / "bin"
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 
 
 # ---- matrices with known spectra --------------------------------------------------------
@@ -342,12 +337,6 @@ def _save_sharded_checkpoint(rank: int, tables, path: str) -> None:
         Path(path, "meta.json").write_text(json.dumps(meta))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -360,6 +349,7 @@ def single_process_gram(name: str) -> np.ndarray:
     return field_gram([tables[(name, 0)], tables[(name, 1)]], dim=D_DIM).gram
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_grams(two_ranks):
     _, results = two_ranks
     for name in "abcde":
@@ -368,6 +358,7 @@ def test_two_ranks_give_the_single_process_grams(two_ranks):
             np.testing.assert_allclose(r["grams"][name], ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_two_ranks_report_equals_the_single_process_analysis(two_ranks):
     _, results = two_ranks
     assert results[1]["report"] is None
@@ -382,6 +373,7 @@ def test_two_ranks_report_equals_the_single_process_analysis(two_ranks):
         assert ours.mean_diversity == pytest.approx(ref.mean_diversity, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_random_baseline(two_ranks):
     _, results = two_ranks
     clear_baseline_cache()
@@ -390,6 +382,7 @@ def test_two_ranks_share_the_random_baseline(two_ranks):
         np.testing.assert_allclose(r["baseline"]["big"], random_gram(BASELINE_BLOCK_ROWS + 9, 6), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_two_ranks_without_cross_sets_give_the_per_set_blocks(two_ranks):
     _, results = two_ranks
     for name in "abcde":
@@ -400,12 +393,14 @@ def test_two_ranks_without_cross_sets_give_the_per_set_blocks(two_ranks):
         assert np.isnan(got[:D_DIM, D_DIM:]).all()
 
 
+@pytest.mark.slow
 def test_two_ranks_refuse_windows_that_do_not_cover_a_table(two_ranks):
     _, results = two_ranks
     for r in results:
         assert "set0__a" in r["missing"] and "cover" in r["missing"]
 
 
+@pytest.mark.slow
 def test_checkpoint_written_by_two_ranks_with_column_shards_reads_offline(two_ranks):
     out, _ = two_ranks
     ckpt = CheckpointTables(str(out / "ckpt"), band_rows=1)
@@ -428,14 +423,6 @@ def test_checkpoint_written_by_two_ranks_with_column_shards_reads_offline(two_ra
 # ME 2x with base_dim 5 (tables stored 8 wide: 3 padding columns) and SE 2x (one set of 10, stored 12 wide)
 TRAIN = ["model.hidden=8", "model.cross_layers=1", "embedding.scale=2", "embedding.base_dim=5",
          "train.batch_size=256", "train.max_steps=4", "train.epochs=1"]
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def _finish(proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
@@ -481,6 +468,7 @@ def latest(run: Path) -> Path:
 
 
 @pytest.mark.parametrize("mode, num_sets, dim, storage, world", [("me", 2, 5, 8, 1), ("se", 1, 10, 12, 2)])
+@pytest.mark.slow
 def test_trainer_checkpoint_metrics_match_numpy(trained, mode, num_sets, dim, storage, world):
     run = trained / mode
     report = analyze_checkpoint(str(run), progress=False)  # a run dir: its latest checkpoint
@@ -507,6 +495,7 @@ def test_trainer_checkpoint_metrics_match_numpy(trained, mode, num_sets, dim, st
             assert fc.pairs[0].cosines == pytest.approx(list(qr_svd_cosines(used[0][:, :5], used[0][:, 5:])), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_reads_the_same_through_fsspec_memory(trained):
     ckpt = latest(trained / "se")
     fs = fsspec.filesystem("memory")
@@ -522,6 +511,7 @@ def test_checkpoint_reads_the_same_through_fsspec_memory(trained):
         fs.rm("/collapse-test", recursive=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_plots_and_a_self_contained_html(trained, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
@@ -549,6 +539,7 @@ def test_cli_writes_json_plots_and_a_self_contained_html(trained, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_report_to_memory_url_without_plots(trained):
     from trainer.collapse.__main__ import main
 
@@ -567,6 +558,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_clear_errors_for_what_is_not_a_usable_checkpoint(trained, tmp_path):
     good = latest(trained / "me")
     with pytest.raises(UserError, match="checkpoint not found"):

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from tests.helpers import ROOT
 from trainer.collapse.__main__ import build_parser as collapse_parser
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ (tomllib) checks pyproject.toml")
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 BASE, OVERLAY = K8S / "base", K8S / "overlays" / "example"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.trainer_fixtures import PYTHON, ROOT, Launcher, ok, run, torchrun, user_error
+from tests.helpers import PYTHON, ROOT, Launcher, ok, run, torchrun, user_error
 from trainer.data.splits import TEST, assign_splits
 from trainer.data.transforms import criteo_integer_token
 from trainer.errors import UserError
@@ -85,6 +85,7 @@ def trainer_test_probabilities(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("key", MODELS, ids=[f"{n}-{m}" for n, m in MODELS])
+@pytest.mark.slow
 def test_artifact_scores_raw_test_rows_like_the_trainers_own_evaluation(key, raw, runs, artifacts):
     reference, labels = trainer_test_probabilities(runs[key])
     rows = raw["test_rows"]
@@ -103,6 +104,7 @@ def test_artifact_scores_raw_test_rows_like_the_trainers_own_evaluation(key, raw
     assert card["embedding"]["num_sets"] == (2 if key[1] == "me" else 1)
 
 
+@pytest.mark.slow
 def test_cli_int8_artifact_scores_in_a_fresh_process_without_the_trainer(raw, runs, artifacts, tmp_path):
     run_dir = runs[("dcnv2", "me")]
     out = tmp_path / "int8"
@@ -159,6 +161,7 @@ print("scored", n)
         assert (gated / "MANIFEST.json").exists()
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_probabilities_with_labels(raw, artifacts, tmp_path):
     out = tmp_path / "scores.csv"
     proc = ok(run([PYTHON, "-m", "trainer.predict", "--artifact", str(artifacts[("dnn", "me")]), "--input", str(raw["tsv"]),
@@ -170,6 +173,7 @@ def test_predict_cli_writes_probabilities_with_labels(raw, artifacts, tmp_path):
     assert ((p > 0) & (p < 1)).all() and p.std() > 0.01
 
 
+@pytest.mark.slow
 def test_dynamic_batch_sizes(artifacts, raw):
     predictor = Predictor(artifacts[("dcnv2", "se")])
     rows = raw["test_rows"]
@@ -184,6 +188,7 @@ def copy_artifact(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_tampered_or_incomplete_artifacts_are_refused(artifacts, tmp_path):
     src = artifacts[("dnn", "se")]
     changed = copy_artifact(src, tmp_path / "changed")
@@ -211,6 +216,7 @@ def test_tampered_or_incomplete_artifacts_are_refused(artifacts, tmp_path):
         Predictor(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_program_with_pickled_tensors_is_refused(artifacts, tmp_path):
     original = artifacts[("dnn", "se")] / "program.pt2"
     check_no_pickles(original)  # ours has none
@@ -228,6 +234,7 @@ def test_program_with_pickled_tensors_is_refused(artifacts, tmp_path):
         check_no_pickles(forged)
 
 
+@pytest.mark.slow
 def test_bad_rows_and_ids_are_clear_errors(artifacts, raw, tmp_path):
     predictor = Predictor(artifacts[("dcnv2", "me")])
     row = list(raw["test_rows"][0])
@@ -253,6 +260,7 @@ def test_bad_rows_and_ids_are_clear_errors(artifacts, raw, tmp_path):
         predictor.score_file(file, tmp_path / "missing_dir" / "out.csv")
 
 
+@pytest.mark.slow
 def test_export_refuses_wrong_checkpoints_and_datasets(runs, raw, tmp_path):
     # a checkpoint whose tensors belong to another model than its meta.json says
     dnn_ckpt = sorted((runs[("dnn", "me")] / "checkpoints").iterdir())[-1]

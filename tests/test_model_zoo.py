@@ -374,6 +374,7 @@ def planted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_every_model_beats_logistic_regression_on_planted_interactions(planted, name):
     # ME at scale 2; NFwFM pools to K numbers per set, so it gets its larger base dim (50 in the paper)
     embedding = EmbeddingConfig("me", scale=2, base_dim=16 if name == "nfwfm" else 4)

@@ -32,6 +32,7 @@ def se_vs_me(tmp_path_factory):
     return train_se_and_me(tmp / "data", tmp, epochs=1, scale=4)
 
 
+@pytest.mark.slow
 def test_multi_embedding_is_less_collapsed_on_large_fields(se_vs_me):
     fields, _ = se_vs_me
     large = [f for f in fields if f.size == "large"]  # >= 1000 distinct training ids
@@ -50,6 +51,7 @@ def test_multi_embedding_is_less_collapsed_on_large_fields(se_vs_me):
     assert me_mean > se_mean, (len(sized), se_mean, me_mean)
 
 
+@pytest.mark.slow
 def test_both_runs_learned(se_vs_me):
     """The comparison is between models that learned something, not two untrained ones."""
     _, outcomes = se_vs_me

@@ -6,7 +6,6 @@ requests (Volcano jobs) built by ``--dryrun``.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,19 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.trainer_fixtures import PYTHON, ROOT, TINY, VENV_BIN, ok, run, user_error
+from tests.helpers import PYTHON, ROOT, TINY, VENV_BIN, free_port, ok, run, user_error
 from trainer.export.runtime import Predictor
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.slow  # the whole pipeline and torchx, in subprocesses
 
 
 @pytest.fixture
 def pushgateway():
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -4,7 +4,6 @@ DMP-sharded model against the unsharded one."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tests.helpers import free_port
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
 from trainer.job_config import EmbeddingConfig, ModelConfig
@@ -171,12 +171,6 @@ def test_embedding_optimizer_runs_in_backward_on_the_unsharded_model(name):
 # ---- a real 2-rank run ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _TrainWrapper(torch.nn.Module):
     """What a training loop shards: model + loss, fed a torchrec ``Batch``."""
 
@@ -318,8 +312,9 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_model_on_two_gloo_ranks_matches_unsharded_and_trains():
-    mp.spawn(_two_rank_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 # ---- replicated tables train like fused ones ----------------------------------------
@@ -410,7 +405,7 @@ def test_a_table_trains_the_same_fused_or_replicated(name):
     rows never looked up keep their initial value in both. (Before: replicated tables were
     stepped densely with weight decay and every idle row shrank.) Two ranks: see
     ``_two_rank_worker``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         _check_placements_agree(_train_in_both_placements(name, 0, 1))

@@ -4,7 +4,7 @@ resumes from its checkpoint afterwards, spec errors, the Table 1 logic on made-u
 the paper's numbers, and the torchx component.
 
 The real sweeps (6 cells, two at a time, then 2 cells and the reruns, of the tiny DCNv2/DNN
-model on 6,000 synthetic rows) run in the background from the start (trainer_fixtures.Launcher).
+model on 6,000 synthetic rows) run in the background from the start (tests.helpers.Launcher).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from pipelines import sweep as sw
-from pipelines import sweep_report
+from pipelines import sweep_launcher, sweep_report, sweep_spec
 from pipelines.paper_results import CITATION, PAPER_DATASETS, PAPER_SCALES, TABLE1_TEST_AUC, paper_test_auc
+from tests.helpers import PYTHON, ROOT, TINY, Launcher, ok, run, user_error
 from trainer.errors import UserError
-from trainer_fixtures import PYTHON, ROOT, TINY, Launcher, ok, run, tiny_dataset, user_error  # noqa: F401
 
 # TINY without the keys every cell sets from the grid (model, mode, scale, base dim)
-TINY_SWEEP = [o for o in TINY if o.split("=")[0] not in sw.CELL_KEYS] + ["train.epochs=1"]
+TINY_SWEEP = [o for o in TINY if o.split("=")[0] not in sweep_spec.CELL_KEYS] + ["train.epochs=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,6 +91,7 @@ def sweeps(tiny_dataset, tmp_path_factory):
     jobs.close()
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_cell_and_writes_table1(sweeps):
     tmp, jobs = sweeps
     proc = ok(jobs.result("main"))
@@ -143,6 +144,7 @@ def test_sweep_trains_every_cell_and_writes_table1(sweeps):
     assert not list(out.glob("*.tmp*")), "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_cells(sweeps):
     tmp, jobs = sweeps
     again = jobs.result("main_again")
@@ -152,6 +154,7 @@ def test_rerun_skips_finished_cells(sweeps):
     assert summary_mtimes(tmp / "main") == before and len(before) == 6
 
 
+@pytest.mark.slow
 def test_failed_cell_is_reported_others_complete_and_it_resumes(sweeps):
     tmp, jobs = sweeps
     out = tmp / "faulty"
@@ -190,11 +193,12 @@ def test_failed_cell_is_reported_others_complete_and_it_resumes(sweeps):
 # ---- spec errors ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_spec_errors_are_user_errors(tmp_path, tiny_dataset):
     def spec_error(**changes) -> str:
         path = tiny_spec(tmp_path, tiny_dataset, "bad", **changes)
         with pytest.raises(UserError) as e:
-            sw.run_sweep(sw.load_spec(path), str(tmp_path / "bad"), report=False)
+            sw.run_sweep(sweep_spec.load_spec(path), str(tmp_path / "bad"), report=False)
         return str(e.value)
 
     assert "unknown key(s) ['epochs']" in spec_error(epochs=3) and "valid keys are" in spec_error(epochs=3)
@@ -215,6 +219,7 @@ def test_spec_errors_are_user_errors(tmp_path, tiny_dataset):
     assert not (tmp_path / "bad" / "cells").exists()
 
 
+@pytest.mark.slow
 def test_spec_error_exit_code_and_changed_spec_refused(tmp_path, tiny_dataset):
     proc = sweep_cli(tiny_spec(tmp_path, tiny_dataset, "bad", models=["dnn", "nosuchmodel"]))
     user_error(proc, "unknown model name", "nosuchmodel")
@@ -222,14 +227,15 @@ def test_spec_error_exit_code_and_changed_spec_refused(tmp_path, tiny_dataset):
     out = tmp_path / "changed"
     cell = out / "cells" / "tiny-dnn-1x-seed0"
     cell.mkdir(parents=True)
-    spec = sw.load_spec(tiny_spec(tmp_path, tiny_dataset, "changed", models=["dnn"]))
-    config = sw.resolve_cell_config(spec, sw.plan_cells(spec)[0], str(out))
+    spec = sweep_spec.load_spec(tiny_spec(tmp_path, tiny_dataset, "changed", models=["dnn"]))
+    config = sweep_spec.resolve_cell_config(spec, sweep_spec.plan_cells(spec)[0], str(out))
     config["train"]["epochs"] = 5
     (cell / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match=r"tiny-dnn-1x-seed0 \(train.epochs: 5 there, 1 in the spec\)"):
         sw.run_sweep(spec, str(out), report=False)
 
 
+@pytest.mark.slow
 def test_cli_selection_and_dry_run(tmp_path, tiny_dataset):
     spec = tiny_spec(tmp_path, tiny_dataset, "dry", seeds=[0, 1])
     proc = ok(sweep_cli(spec, "--dry-run", "--models", "dcnv2", "--seeds", "1", "--modes", "me"))
@@ -245,9 +251,9 @@ def test_cli_selection_and_dry_run(tmp_path, tiny_dataset):
 # ---- the table logic, on made-up results ------------------------------------------------------
 
 
-def fake_records(spec: sw.SweepSpec, auc, status=lambda c: "done") -> list[dict]:
+def fake_records(spec: sweep_spec.SweepSpec, auc, status=lambda c: "done") -> list[dict]:
     recs = []
-    for c in sw.plan_cells(spec):
+    for c in sweep_spec.plan_cells(spec):
         st = status(c)
         recs.append({
             "id": c.id, "dataset": c.dataset, "model": c.model, "mode": c.mode, "modes": list(c.modes),
@@ -258,21 +264,21 @@ def fake_records(spec: sw.SweepSpec, auc, status=lambda c: "done") -> list[dict]
     return recs
 
 
-def make_spec(**extra) -> sw.SweepSpec:
+def make_spec(**extra) -> sweep_spec.SweepSpec:
     raw = {"datasets": {"d": "data/d"}, "models": ["dnn", "dcnv2"], "modes": ["se", "me"], "scales": [1, 2], "seeds": [0, 1]}
     raw.update(extra)
     from trainer import typed_yaml
 
-    return typed_yaml.build(sw.SweepSpec, raw, "spec")
+    return typed_yaml.build(sweep_spec.SweepSpec, raw, "spec")
 
 
 def test_table_mean_std_best_and_shared_1x(tmp_path):
     spec = make_spec(paper_dataset="criteo")
-    cells = sw.plan_cells(spec)
+    cells = sweep_spec.plan_cells(spec)
     assert len(cells) == 2 * 2 * 3  # seeds x models x (1x, se2x, me2x)
     assert [c.id for c in cells[:3]] == ["d-dnn-1x-seed0", "d-dnn-se2x-seed0", "d-dnn-me2x-seed0"]
 
-    def auc(c: sw.Cell) -> float:  # dcnv2 ME 2x is best at 2x; seeds 0.01 apart
+    def auc(c: sweep_spec.Cell) -> float:  # dcnv2 ME 2x is best at 2x; seeds 0.01 apart
         base = {"dnn": 0.70, "dcnv2": 0.72}[c.model] + (0.02 if (c.mode, c.scale) == ("me", 2) else 0.0)
         return base + 0.01 * c.seed
 
@@ -316,24 +322,24 @@ def test_table_mean_std_best_and_shared_1x(tmp_path):
 def test_parallel_slots_without_gpus():
     import torch
 
-    launcher = sw.LauncherSpec(nproc=1, parallel=3)
+    launcher = sweep_spec.LauncherSpec(nproc=1, parallel=3)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0:  # CPU: the cells share the host
-        assert sw.slot_environments(launcher) == [{}, {}, {}]
+        assert sweep_launcher.slot_environments(launcher) == [{}, {}, {}]
     elif gpus >= 3:  # each slot its own GPU
-        assert len({e["CUDA_VISIBLE_DEVICES"] for e in sw.slot_environments(launcher)}) == 3
+        assert len({e["CUDA_VISIBLE_DEVICES"] for e in sweep_launcher.slot_environments(launcher)}) == 3
     else:
         with pytest.raises(UserError, match="3 GPUs, but this host has"):
-            sw.slot_environments(launcher)
+            sweep_launcher.slot_environments(launcher)
     with pytest.raises(UserError, match="launcher.parallel must be >= 1"):
-        sw.LauncherSpec(parallel=0)
+        sweep_spec.LauncherSpec(parallel=0)
 
 
 def test_no_shared_1x_and_me_only(tmp_path):
     spec = make_spec(share_1x=False, seeds=[0])
-    assert [c.id for c in sw.plan_cells(spec)][:3] == ["d-dnn-se1x-seed0", "d-dnn-me1x-seed0", "d-dnn-se2x-seed0"]
+    assert [c.id for c in sweep_spec.plan_cells(spec)][:3] == ["d-dnn-se1x-seed0", "d-dnn-me1x-seed0", "d-dnn-se2x-seed0"]
     spec = make_spec(modes=["me"], seeds=[0])
-    assert [c.id for c in sw.plan_cells(spec)][:2] == ["d-dnn-me1x-seed0", "d-dnn-me2x-seed0"]
+    assert [c.id for c in sweep_spec.plan_cells(spec)][:2] == ["d-dnn-me1x-seed0", "d-dnn-me2x-seed0"]
 
 
 def test_collapse_record_of_the_best_step(tmp_path):
@@ -397,20 +403,20 @@ def test_paper_numbers_match_the_seed_text():
 def test_shipped_specs_resolve_for_every_cell():
     from trainer.model.interactions import INTERACTIONS
 
-    small = sw.load_spec(ROOT / "configs" / "sweeps" / "small.yaml")
-    paper = sw.load_spec(ROOT / "configs" / "sweeps" / "paper.yaml")
-    assert len(sw.plan_cells(small)) == 7 * 5 and small.launcher.nproc == 1
-    assert len(sw.plan_cells(paper)) == 2 * 7 * 9 * 3 and paper.launcher.nproc == 8
+    small = sweep_spec.load_spec(ROOT / "configs" / "sweeps" / "small.yaml")
+    paper = sweep_spec.load_spec(ROOT / "configs" / "sweeps" / "paper.yaml")
+    assert len(sweep_spec.plan_cells(small)) == 7 * 5 and small.launcher.nproc == 1
+    assert len(sweep_spec.plan_cells(paper)) == 2 * 7 * 9 * 3 and paper.launcher.nproc == 8
     assert paper.paper_datasets() == {"criteo": "criteo", "avazu": "avazu"}
     for spec in (small, paper):
-        sw.check_models(set(spec.models))  # all seven models are in the trainer
+        sweep_spec.check_models(set(spec.models))  # all seven models are in the trainer
         assert set(spec.models) == set(INTERACTIONS)
-        cells = sw.plan_cells(spec)
-        configs = [sw.resolve_cell_config(spec, c, spec.output) for c in cells[: len(cells) // len(spec.seeds)]]
+        cells = sweep_spec.plan_cells(spec)
+        configs = [sweep_spec.resolve_cell_config(spec, c, spec.output) for c in cells[: len(cells) // len(spec.seeds)]]
         assert {c["embedding"]["base_dim"] for c in configs if c["model"]["name"] == "nfwfm"} == {50}
-    cfg = sw.resolve_cell_config(paper, sw.plan_cells(paper)[0], paper.output)
+    cfg = sweep_spec.resolve_cell_config(paper, sweep_spec.plan_cells(paper)[0], paper.output)
     assert cfg["optim"]["embedding"] == "adam" and cfg["train"]["batch_size"] * paper.launcher.nproc == 2048
-    cmd = sw.cell_command(paper, sw.plan_cells(paper)[0], "out")
+    cmd = sweep_spec.cell_command(paper, sweep_spec.plan_cells(paper)[0], "out")
     assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "--max-restarts"]
 
 

@@ -16,6 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import ROOT
 from trainer.data import synthetic
 from trainer.data.schema import MISSING_ID, SPLITS, read_schema
 from trainer.data.splits import assign_splits, parse_split
@@ -34,8 +35,6 @@ from trainer.data.synthetic import (
 )
 from trainer.data.transforms import criteo_integer_token
 from trainer.errors import run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _read_tsv(path: Path) -> pa.Table:
@@ -260,6 +259,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_rows(tmp_path):
     def peak_kib(rows: int) -> int:
         out = subprocess.run(

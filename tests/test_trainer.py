@@ -2,7 +2,7 @@
 equality, and every user-caused failure (exit 2, ``error: ...``, no traceback).
 
 Runs ``python -m trainer.main`` in subprocesses on a 6,000-row synthetic dataset with a
-tiny DCNv2 multi-embedding model (see trainer_fixtures.TINY). Multi-rank behaviour
+tiny DCNv2 multi-embedding model (see tests.helpers.TINY). Multi-rank behaviour
 (torchrun restarts, resharding, torchx) is in test_trainer_faults.py.
 """
 
@@ -17,8 +17,7 @@ import pytest
 import torch
 import yaml
 
-from trainer.data.loader import CTRDataLoader, LoaderConfig
-from trainer_fixtures import (
+from tests.helpers import (
     SUMMARY_KEYS,
     assert_same_tensors,
     checkpoint_steps,
@@ -31,10 +30,10 @@ from trainer_fixtures import (
     Launcher,
     ok,
     summary,
-    tiny_dataset,  # noqa: F401  (session fixture)
     train,
     user_error,
 )
+from trainer.data.loader import CTRDataLoader, LoaderConfig
 
 # The baseline run: 3 epochs of 19 steps would be 57 steps; it stops at max_steps=45, mid-epoch
 # and between two evaluations (every 10 steps and at epoch ends), checkpointing every 4 steps.
@@ -159,6 +158,7 @@ def stopped(runs):
 # ---- 1. a whole run ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset):
     run_dir, proc = baseline
     schema = json.loads((tiny_dataset / "schema.json").read_text())
@@ -237,6 +237,7 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
 # ---- 2. resume equality ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_identical_to_the_uninterrupted_one(runs, baseline, stopped, tmp_path):
     a_dir, _ = baseline
     first = summary(stopped)
@@ -273,6 +274,7 @@ def test_resumed_run_ends_identical_to_the_uninterrupted_one(runs, baseline, sto
 # ---- 3. --resume never -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_a_run_directory_with_checkpoints(runs):
     proc, info = runs.result("never")
     user_error(proc, "already has checkpoints", f"step-{STOP_AT:08d}", "--resume auto")
@@ -293,6 +295,7 @@ def test_config_reads_exponent_floats_and_names_bad_keys():
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
+@pytest.mark.slow
 def test_bad_config_is_a_clear_error(case, runs):
     proc = runs.result(case)
     user_error(proc, *BAD_CONFIGS[case][1])
@@ -300,10 +303,12 @@ def test_bad_config_is_a_clear_error(case, runs):
     assert not (runs.root / case / "config.yaml").exists(), "a refused config left a run directory behind"
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(runs):
     user_error(runs.result("missing-data"), str(runs.root / "no-such-dataset"), "schema.json")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_an_error_never_a_silent_restart(runs):
     proc, info = runs.result("corrupt")
     user_error(proc, "corrupt", str(info["latest"]))
@@ -312,12 +317,14 @@ def test_corrupt_checkpoint_is_an_error_never_a_silent_restart(runs):
     assert "training:" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_without_meta_is_refused_as_incomplete(runs):
     proc, info = runs.result("no-meta")
     user_error(proc, "incomplete", "meta.json", str(info["ckpt"]))
 
 
 @pytest.mark.parametrize("change", ["dataset", "embedding.scale"])
+@pytest.mark.slow
 def test_resume_into_another_model_or_dataset_is_refused(change, runs, stopped):
     proc, info = runs.result(f"mismatch-{change}")
     message = user_error(proc, "written for another model or dataset", f"step-{STOP_AT:08d}")
@@ -330,6 +337,7 @@ def test_resume_into_another_model_or_dataset_is_refused(change, runs, stopped):
     assert checkpoint_steps(info["dir"]) == checkpoint_steps(stopped)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(runs, stopped, tmp_path):
     """Resumed at step 30 with an absurd dense lr: the loss is NaN/inf by step 32, and the run
     stops before the checkpoint due at 32, naming the last good one (30), which stays."""
@@ -344,6 +352,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ru
     assert all(torch.isfinite(v).all() for v in tensors.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_checkpoint_refuses_non_finite_weights(tiny_dataset, tmp_path):
     """A blow-up can leave NaN/inf weights after a step whose loss was finite: save() must
     refuse them (in-process: NaN one fused table shard, then one dense weight)."""

@@ -2,7 +2,7 @@
 exactly where an uninterrupted run ends; a 2-rank checkpoint loads (resharded) into one
 process; the torchx ``dist.ddp`` launch line from the README works.
 
-Same tiny data and model as test_trainer.py (trainer_fixtures.TINY), 2 epochs of 10 steps
+Same tiny data and model as test_trainer.py (tests.helpers.TINY), 2 epochs of 10 steps
 per rank.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from trainer_fixtures import (
+from tests.helpers import (
     TINY,
     VENV_BIN,
     assert_same_tensors,
@@ -23,10 +23,11 @@ from trainer_fixtures import (
     ok,
     run,
     summary,
-    tiny_dataset,  # noqa: F401  (session fixture)
     torchrun,
     train,
 )
+
+pytestmark = pytest.mark.slow  # 2-rank torchrun and torchx runs
 
 EPOCHS, CKPT_EVERY = 2, 4  # 2 ranks: 10 steps per epoch; checkpoints at 4, 8, 10, 12, 16, 20
 # rank 1 dies after step 14, mid-epoch 1 and mid-segment: the latest checkpoint is step 12, so

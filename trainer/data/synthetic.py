@@ -31,8 +31,9 @@ part of the logit alone, which shows how much the interactions carry.
 
 Formats: ``criteo-tsv`` writes the raw Criteo Kaggle format (categoricals as
 8-hex hashes of (field, id)) plus ``OUTPUT.truth.parquet`` (``p_true``) and
-``OUTPUT.oracle.json`` (the report); ``parquet`` writes a prepared dataset (see
-``trainer.data.schema``) whose ``recipe`` is the report.
+``OUTPUT.oracle.json`` (the report), which ``read_oracle`` reads back for the
+preprocessor; ``parquet`` writes a prepared dataset (see ``trainer.data.schema``)
+whose ``recipe`` is the report.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ from tqdm import tqdm
 
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, write_schema
 from trainer.data.splits import assign_splits, parse_split, splitmix64
-from trainer.storage import atomic_directory, atomic_files
+from trainer.storage import atomic_directory, atomic_files, filesystem
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError, run_cli
 
 FORMATS = ("parquet", "criteo-tsv")
+ORACLE_SUFFIX = ".oracle.json"  # criteo-tsv: the report beside OUTPUT
 INTEGER_FIELDS = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL_FIELDS = tuple(f"C{i}" for i in range(1, 27))
 FIELDS = INTEGER_FIELDS + CATEGORICAL_FIELDS
@@ -381,7 +383,7 @@ def _chunks(model: PlantedModel, metrics: OracleMetrics, progress: bool) -> Iter
 
 
 def _write_tsv(config: SyntheticConfig, output: str, overwrite: bool, progress: bool) -> dict[str, Any]:
-    urls = [output, output + ".truth.parquet", output + ".oracle.json"]
+    urls = [output, output + ".truth.parquet", output + ORACLE_SUFFIX]
     compression = fsspec.utils.infer_compression(output)
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     truth_schema = pa.schema([("p_true", pa.float32())])
@@ -444,6 +446,26 @@ def generate(config: SyntheticConfig, output: str, fmt: str = "parquet", overwri
         raise UserError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     write = _write_tsv if fmt == "criteo-tsv" else _write_parquet
     return write(config, output, overwrite, progress)
+
+
+def read_oracle(raw_url: str, split: str, split_seed: int) -> dict[str, Any]:
+    """The oracle metrics of a generated raw file (``RAW.oracle.json`` beside it), as recipe entries.
+
+    ``{}`` unless they describe exactly the splits made with ``split`` and ``split_seed``
+    (preprocess ``--split`` and ``--seed``); the trainer reports them beside its own test AUC.
+    """
+    fs, path = filesystem(raw_url + ORACLE_SUFFIX)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        report = json.load(f)
+    generated = report.get("config", {})
+    same_split = generated.get("split") == split or (
+        isinstance(generated.get("split"), str) and parse_split(generated["split"]) == parse_split(split)
+    )
+    if not same_split or generated.get("split_seed") != split_seed or "oracle" not in report:
+        return {}
+    return {"oracle": report["oracle"], "oracle_source": raw_url + ORACLE_SUFFIX}
 
 
 def _summary(report: dict[str, Any], seconds: float) -> str:

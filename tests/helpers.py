@@ -1,6 +1,7 @@
-"""Helpers and fixtures shared by the trainer tests (test_trainer.py, test_trainer_faults.py).
+"""Plain helpers shared by the tests: ``from tests.helpers import ...`` (fixtures, such as
+``tiny_dataset``, live in ``tests/conftest.py`` and need no import).
 
-Everything runs the real CLI in subprocesses (``python -m trainer.main``, ``torchrun``,
+The CLI helpers run the real CLI in subprocesses (``python -m trainer.main``, ``torchrun``,
 ``torchx``) from the repository root, on a tiny synthetic dataset and a tiny model, so
 the whole trainer suite stays within a few minutes on 2 CPU cores.
 """
@@ -11,11 +12,11 @@ import json
 from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -59,6 +60,13 @@ SUMMARY_KEYS = {
     "oracle_test_auc",
     "oracle_test_logloss",
 }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -180,12 +188,6 @@ def make_dataset(out: Path, cardinality_scale: float = 0.0005, rows: int = 6000)
     ok(run([PYTHON, "-m", "trainer.data.synthetic", "--rows", str(rows), "--output", str(out), "--format", "parquet",
             "--cardinality-scale", str(cardinality_scale)], timeout=120))
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """6,000 synthetic rows (train/val/test 8/1/1), 39 sparse fields, oracle metrics in schema.json."""
-    return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
 class Launcher:

@@ -1,0 +1,46 @@
+"""How fast every CLI answers ``--help`` (best of several runs, a fresh interpreter each).
+
+A CLI parses its arguments before it imports torch, torchrec or fbgemm, so ``--help`` and
+a refused argument answer at once (``tests/test_structure.py`` checks that torch is not
+imported; this prints the seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from bench.machine import describe
+
+CLIS = (
+    "trainer.main",
+    "trainer.data.preprocess",
+    "trainer.data.synthetic",
+    "trainer.collapse",
+    "trainer.export",
+    "trainer.predict",
+    "pipelines.run",
+    "pipelines.sweep",
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeat", type=int, default=5, help="runs per CLI; the best is printed (default 5)")
+    args = p.parse_args()
+    print(f"machine: {describe()}")
+    print(f"{'CLI':<26} {'--help best s':>13} {'median s':>9}")
+    for module in CLIS:
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", module, "--help"], check=True, stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        print(f"{module:<26} {times[0]:>13.2f} {times[len(times) // 2]:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
