@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.bench_cli_help", "bench.bench_synthetic", "bench.bench_preprocess", "bench.bench_loader", "bench.bench_collapse", "bench.bench_export", "bench.bench_paper_findings"]
+BENCHMARKS = ["bench.bench_cli_help", "bench.bench_synthetic", "bench.bench_preprocess", "bench.bench_loader", "bench.bench_collapse", "bench.bench_checkpoint", "bench.bench_export", "bench.bench_paper_findings"]
 
 
 def main() -> None:

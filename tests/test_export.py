@@ -92,7 +92,7 @@ def test_artifact_scores_raw_test_rows_like_the_trainers_own_evaluation(key, raw
     assert len(rows) == len(reference) > 500
     assert np.array_equal(labels, [int(r[0]) for r in rows]), "the trainer's test order is not the raw file's"
     predictor = Predictor(artifacts[key])
-    scores = predictor.predict_rows(rows).numpy()
+    scores = predictor.predict_rows(rows, labeled=True).numpy()
     assert np.abs(scores - reference).max() <= 1e-5
     unlabeled = predictor.predict_rows([r[1:] for r in rows]).numpy()  # Criteo's test layout: no label column
     assert np.array_equal(unlabeled, scores)
@@ -136,7 +136,7 @@ class Forbid(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Forbid())
 sys.path.insert(0, {str(out)!r})
 from predictor import Predictor
-n = Predictor({str(out)!r}).score_file({str(unlabeled)!r}, {str(scores)!r}, batch_rows=500)
+n = Predictor({str(out)!r}).score_file({str(unlabeled)!r}, {str(scores)!r}, batch_rows=500, labeled=False)
 print("scored", n)
 """
     proc = subprocess.run([PYTHON, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -145,7 +145,7 @@ print("scored", n)
     lines = scores.read_text().splitlines()
     assert lines[0] == "row,probability" and len(lines) == len(raw["test_rows"]) + 1
     fresh = np.array([float(line.split(",")[1]) for line in lines[1:]])
-    fp32 = Predictor(artifacts[("dcnv2", "me")]).predict_rows(raw["test_rows"]).numpy()
+    fp32 = Predictor(artifacts[("dcnv2", "me")]).predict_rows(raw["test_rows"], labeled=True).numpy()
     assert np.abs(fresh - fp32).max() < 0.02  # int8 tables: close to fp32, not equal
     assert np.abs(fresh - fp32).max() > 0
 
@@ -165,7 +165,7 @@ print("scored", n)
 def test_predict_cli_writes_probabilities_with_labels(raw, artifacts, tmp_path):
     out = tmp_path / "scores.csv"
     proc = ok(run([PYTHON, "-m", "trainer.predict", "--artifact", str(artifacts[("dnn", "me")]), "--input", str(raw["tsv"]),
-                   "--output", str(out)]))
+                   "--output", str(out), "--labeled"]))
     assert f"scored {RAW_ROWS} rows" in proc.stdout
     lines = out.read_text().splitlines()
     assert lines[0] == "row,probability,label" and len(lines) == RAW_ROWS + 1
@@ -177,8 +177,8 @@ def test_predict_cli_writes_probabilities_with_labels(raw, artifacts, tmp_path):
 def test_dynamic_batch_sizes(artifacts, raw):
     predictor = Predictor(artifacts[("dcnv2", "se")])
     rows = raw["test_rows"]
-    all_at_once = predictor.predict_rows(rows[:513]).numpy()
-    one_by_one = np.concatenate([predictor.predict_rows([r]).numpy() for r in rows[:5]])
+    all_at_once = predictor.predict_rows(rows[:513], labeled=True).numpy()
+    one_by_one = np.concatenate([predictor.predict_rows([r], labeled=True).numpy() for r in rows[:5]])
     assert all_at_once.shape == (513,)
     np.testing.assert_allclose(one_by_one, all_at_once[:5], atol=1e-6)
 
@@ -238,14 +238,16 @@ def test_program_with_pickled_tensors_is_refused(artifacts, tmp_path):
 def test_bad_rows_and_ids_are_clear_errors(artifacts, raw, tmp_path):
     predictor = Predictor(artifacts[("dcnv2", "me")])
     row = list(raw["test_rows"][0])
-    with pytest.raises(ArtifactError, match="expected 40 columns.*or 39.*got 38"):
+    with pytest.raises(ArtifactError, match=r"expected 40 columns \(with label\), got 38"):
+        predictor.predict_rows([row[:38]], labeled=True)
+    with pytest.raises(ArtifactError, match=r"expected 39 columns \(without label\), got 38"):
         predictor.predict_rows([row[:38]])
     bad = list(row)
     bad[3] = "abc"  # I3
     with pytest.raises(ArtifactError, match=r"row:2: I3 'abc' is not an integer"):
-        predictor.predict_rows([row, bad])
-    with pytest.raises(ArtifactError, match=r"row:2: 39 columns, but the first row has 40"):
-        predictor.predict_rows([row, row[1:]])
+        predictor.predict_rows([row, bad], labeled=True)
+    with pytest.raises(ArtifactError, match=r"row:2: expected 40 columns \(with label\), got 39 \(39 is the width without"):
+        predictor.predict_rows([row, row[1:]], labeled=True)
     ids = torch.zeros(2, 39, dtype=torch.int64)
     ids[1, 20] = 10**6
     with pytest.raises(ArtifactError, match=r"ids\[1, 20\] = 1000000: outside"):
@@ -253,11 +255,41 @@ def test_bad_rows_and_ids_are_clear_errors(artifacts, raw, tmp_path):
     file = tmp_path / "bad.tsv"
     file.write_text("\t".join(row) + "\n" + "\t".join(bad) + "\n")
     proc = run([PYTHON, "-m", "trainer.predict", "--artifact", str(artifacts[("dcnv2", "me")]), "--input", str(file),
-                "--output", str(tmp_path / "out.csv")])
+                "--output", str(tmp_path / "out.csv"), "--labeled"])
     user_error(proc, f"{file}:2", "I3 'abc' is not an integer")
     assert not (tmp_path / "out.csv").exists() and not list(tmp_path.glob(".out.csv.tmp-*"))
     with pytest.raises(ArtifactError, match="its directory .* does not exist"):
         predictor.score_file(file, tmp_path / "missing_dir" / "out.csv")
+
+
+@pytest.mark.slow
+def test_predict_knows_the_layout_and_never_overwrites(artifacts, raw, tmp_path):
+    """A labelled Criteo file whose rows all lost one column is as wide as an unlabelled one:
+    it must be refused, not scored with every feature shifted. The layout is stated, never
+    guessed; an existing output is kept unless --overwrite."""
+    artifact = str(artifacts[("dnn", "me")])
+    shifted = tmp_path / "shifted.tsv"  # label kept, I13 dropped: 39 columns, like an unlabelled row
+    shifted.write_text("".join("\t".join(r[:13] + r[14:]) + "\n" for r in raw["test_rows"][:20]))
+    out = tmp_path / "scores.csv"
+
+    def predict(*flags: str) -> subprocess.CompletedProcess:
+        return run([PYTHON, "-m", "trainer.predict", "--artifact", artifact, "--input", str(shifted), "--output", str(out), *flags])
+
+    user_error(predict(), "no header", "--labeled or --unlabeled")
+    user_error(predict("--labeled"), f"{shifted}:1", "expected 40 columns (with label), got 39", "without the label")
+    assert not out.exists()
+    unlabeled = tmp_path / "unlabeled.tsv"
+    unlabeled.write_text("".join("\t".join(r[1:]) + "\n" for r in raw["test_rows"][:20]))
+    ok(run([PYTHON, "-m", "trainer.predict", "--artifact", artifact, "--input", str(unlabeled), "--output", str(out), "--unlabeled"]))
+    first = out.read_text()
+    assert first.splitlines()[0] == "row,probability" and len(first.splitlines()) == 21
+    out.write_text("keep me\n")
+    user_error(run([PYTHON, "-m", "trainer.predict", "--artifact", artifact, "--input", str(unlabeled), "--output", str(out),
+                    "--unlabeled"]), "output already exists", str(out))
+    assert out.read_text() == "keep me\n"
+    ok(run([PYTHON, "-m", "trainer.predict", "--artifact", artifact, "--input", str(unlabeled), "--output", str(out),
+            "--unlabeled", "--overwrite"]))
+    assert out.read_text() == first
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_to_the_end(tmp_path
     assert (root / "collapse" / "report.html").exists() and collapse
     predictor = Predictor(root / "artifact")
     rows = [line.split("\t") for line in (root / "raw.tsv").read_text().splitlines()[:50]]
-    probabilities = predictor.predict_rows(rows).numpy()
+    probabilities = predictor.predict_rows(rows, labeled=True).numpy()
     assert probabilities.shape == (50,) and ((probabilities > 0) & (probabilities < 1)).all()
 
     groups = pushed_groups(pushgateway)

@@ -7,19 +7,22 @@ position and what the model was built from. It is written under a temporary
 name, and ``meta.json`` plus the rename come last, after every rank has
 finished: a checkpoint is complete or invisible.
 
-This module owns the checkpoint format: the names (``step-XXXXXXXX``, ``meta.json``, DCP's
-``.metadata``), listing and resolving checkpoints, and saving and loading them. Listing and
-resolving need no torch (the sweep and the pipeline use them through ``trainer.run_dir``);
-torch's DCP is imported by the functions that move tensors. The keys of the tables in the
-saved state are ``trainer.table_layout``'s.
+This module owns the checkpoint format and needs no torch (the sweep and the pipeline use
+it through ``trainer.run_dir``): the names (``step-XXXXXXXX``, ``meta.json``, DCP's
+``.metadata``), listing and resolving checkpoints, and the sha256 of every file, recorded
+in ``meta.json`` when a checkpoint is committed and verified before one is read
+(``verify_files``). Saving and loading the tensors is ``trainer.dcp_io``; the keys of the
+tables in the saved state are ``trainer.table_layout``'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from trainer.errors import UserError
 from trainer.storage import filesystem, join
@@ -28,6 +31,10 @@ _NAME = re.compile(r"^step-(\d{8})$")
 META = "meta.json"  # written last: the commit marker
 DCP_METADATA = ".metadata"  # DCP's own index of the shards
 RUN_CHECKPOINTS = "checkpoints"  # where a run directory keeps its checkpoints (trainer.run_dir)
+FILES_KEY = "files"  # meta.json: {file name: {"sha256": hex, "bytes": size}} of every other file
+_HASH_BLOCK = 8 << 20
+
+log = logging.getLogger("trainer.checkpoint")
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,103 +102,43 @@ def read_meta(url: str) -> dict[str, Any]:
         raise UserError(f"checkpoint {url}: {META} is corrupt ({e})") from None
 
 
-def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
-    """Save ``state`` (model / optimizer state dicts) on every rank; rank 0 commits it. Returns its URL."""
-    import torch.distributed.checkpoint as dcp
-
-    final = join(ckpt_dir, checkpoint_name(step))
-    tmp = final + ".tmp"
-    fs, tmp_path = filesystem(tmp)
-
-    def prepare() -> None:
-        if fs.exists(tmp_path):
-            fs.rm(tmp_path, recursive=True)  # left by a crashed save
-        fs.makedirs(tmp_path, exist_ok=True)
-
-    def commit() -> None:
-        with fs.open(join(tmp_path, META), "w") as f:
-            json.dump(meta, f, indent=2)
-        final_path = filesystem(final)[1]
-        if fs.exists(final_path):
-            fs.rm(final_path, recursive=True)
-        fs.mv(tmp_path, final_path, recursive=True)
-
-    on_rank0(prepare)
-    dcp.save(state, checkpoint_id=tmp)
-    _barrier()
-    on_rank0(commit)
-    return final
-
-
-def load(url: str, state: dict[str, Any]) -> None:
-    """Load a checkpoint in place into ``state`` (every rank; check ``read_meta`` first). Clear
-    errors, never a silent restart."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
+def file_digests(url: str) -> dict[str, dict[str, Any]]:
+    """``{name: {"sha256", "bytes"}}`` of every file of the checkpoint directory ``url``
+    except ``meta.json`` (streamed, 8 MiB at a time)."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise UserError(f"checkpoint not found: {url}")
-    try:
-        dcp.load(state, checkpoint_id=url)
-    except (Exception, CheckpointException) as e:  # DCP wraps per-rank read errors in a BaseException
-        first = first_error_line(e)
-        raise UserError(f"checkpoint {url} is corrupt or does not match this model: {first[:500]}") from None
+    digests = {}
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name == META or entry.get("type") == "directory":
+            continue
+        sha, size = hashlib.sha256(), 0
+        with fs.open(entry["name"], "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                sha.update(block)
+                size += len(block)
+        digests[name] = {"sha256": sha.hexdigest(), "bytes": size}
+    return digests
 
 
-def first_error_line(e: BaseException) -> str:
-    """The root cause of a DCP failure in one line (a CheckpointException holds the per-rank
-    failures; its own text is a traceback)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if isinstance(e, CheckpointException):
-        failures = getattr(e, "failures", {}) or {}
-        causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        causes = [c for c in causes if isinstance(c, BaseException)]
-        if causes:
-            cause = causes[0]
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def prune(ckpt_dir: str, keep: set[int]) -> None:
-    """Remove complete checkpoints whose step is not in ``keep`` (collective; rank 0 removes)."""
-
-    def remove() -> None:
-        fs = filesystem(ckpt_dir)[0]
-        for info in list_checkpoints(ckpt_dir):
-            if info.step not in keep:
-                fs.rm(filesystem(info.url)[1], recursive=True)
-
-    on_rank0(remove)
-
-
-def on_rank0(work: Callable[[], None]) -> None:
-    """Run ``work`` on rank 0 and make every rank raise if it failed (collective): a failure
-    on rank 0 alone must not leave the other ranks waiting in the next collective."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        work()
+def verify_files(url: str, meta: dict[str, Any] | None = None) -> None:
+    """UserError unless every file ``meta.json`` lists is there with its recorded size and
+    sha256 (a flipped byte, a truncated or missing shard). A checkpoint written before
+    checksums were recorded is read with a warning."""
+    meta = read_meta(url) if meta is None else meta
+    recorded = meta.get(FILES_KEY)
+    if recorded is None:
+        log.warning("checkpoint %s has no checksums (written by an older trainer): its files are not verified", url)
         return
-    outcome: list[BaseException | None] = [None]
-    if dist.get_rank() == 0:
-        try:
-            work()
-        except Exception as e:  # handed to every rank below
-            outcome[0] = e
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        if dist.get_rank() == 0:
-            raise outcome[0]
-        raise UserError(f"rank 0 failed: {type(outcome[0]).__name__}: {outcome[0]}")
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if not isinstance(recorded, dict) or not recorded:
+        raise UserError(f"checkpoint {url}: {META} has an invalid {FILES_KEY!r} entry")
+    found = file_digests(url)
+    for name, expected in sorted(recorded.items()):
+        actual = found.get(name)
+        if actual is None:
+            raise UserError(f"checkpoint {url} is corrupt: its file {name} is missing")
+        if actual != expected:
+            what = "size" if actual["bytes"] != expected.get("bytes") else "sha256"
+            raise UserError(
+                f"checkpoint {url} is corrupt: {name} does not match the {what} recorded when it was written "
+                f"({actual['bytes']} bytes now, {expected.get('bytes')} recorded)"
+            )

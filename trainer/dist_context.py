@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -97,3 +98,28 @@ def init_distributed(device_choice: str = "auto") -> DistContext:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_rank0(work: Callable[[], None]) -> None:
+    """Run ``work`` on rank 0 and make every rank raise if it failed (collective): a failure
+    on rank 0 alone must not leave the other ranks waiting in the next collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        work()
+        return
+    outcome: list[BaseException | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as e:  # handed to every rank below
+            outcome[0] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if dist.get_rank() == 0:
+            raise outcome[0]
+        raise UserError(f"rank 0 failed: {type(outcome[0]).__name__}: {outcome[0]}")
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group of several ranks)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

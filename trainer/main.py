@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     config = load_config(args.config, args.overrides)
     # torch, torchrec and fbgemm load only now: --help and a refused config answer at once
-    from trainer.dist_context import init_distributed, shutdown
+    from trainer.dist_context import init_distributed, on_rank0, shutdown
     from trainer.train import Trainer
 
     ctx = init_distributed(config.run.device)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             run_dir.write_config(config)
             run_dir.write_plan(trainer.plan_text)
 
-        checkpoint.on_rank0(write_run_dir)
+        on_rank0(write_run_dir)
         _fault_injection(trainer)
         trainer.fit()
         summary = trainer.finish()

@@ -1,9 +1,12 @@
 """Batch scoring of raw rows: ``python -m trainer.predict --artifact DIR --input FILE --output FILE``.
 
 The input is a raw file in the layout the model was trained on (Criteo TSV, Avazu CSV;
-the label column optional, ``.gz`` read as gzip); the output a CSV
-``row,probability[,label]``, written under a temporary name and renamed when complete.
-The artifact's manifest is checked before anything is loaded.
+``.gz`` read as gzip), with or without the label column: a header says which (Avazu), and
+a layout without one (Criteo) needs ``--labeled`` or ``--unlabeled`` (the width is never
+used to guess: a labelled row missing a column is as wide as an unlabelled one). The
+output is a CSV ``row,probability[,label]``, written under a temporary name and renamed
+when complete; an existing output is refused unless ``--overwrite``. The artifact's
+manifest is checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifact", required=True, help="an artifact directory written by trainer.export")
     p.add_argument("--input", required=True, help="raw rows to score")
     p.add_argument("--output", required=True, help="the CSV of probabilities to write")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--labeled", dest="labeled", action="store_const", const=True,
+                        help="the rows have the label column (needed for a layout without a header, e.g. Criteo TSV)")
+    layout.add_argument("--unlabeled", dest="labeled", action="store_const", const=False,
+                        help="the rows have no label column (needed for a layout without a header)")
     p.add_argument("--batch-rows", type=int, default=8192, help="rows per scoring batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     a = p.parse_args(argv)
     from trainer.export.runtime import ArtifactError, Predictor
 
@@ -31,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     try:
         predictor = Predictor(a.artifact)
-        rows = predictor.score_file(a.input, a.output, a.batch_rows)
+        rows = predictor.score_file(a.input, a.output, a.batch_rows, labeled=a.labeled, overwrite=a.overwrite)
     except ArtifactError as e:
         raise UserError(str(e)) from None
     seconds = time.monotonic() - started

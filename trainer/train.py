@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from trainer import checkpoint
+from trainer import checkpoint, dcp_io
 from trainer.collapse.sharded_tables import analyze_sharded_model
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, read_schema
@@ -162,9 +162,9 @@ class Trainer:
         self._sync_buffers()
         self._check_finite_weights()
         meta = {"progress": dataclasses.asdict(self.progress), "identity": self.identity}
-        url = checkpoint.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
+        url = dcp_io.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
         keep = {self.progress.step, self.progress.best_step}
-        checkpoint.prune(self.run_dir.checkpoints, keep)
+        dcp_io.prune(self.run_dir.checkpoints, keep)
         if self.ctx.is_main:
             log.info("checkpoint %s", url)
 
@@ -228,7 +228,7 @@ class Trainer:
             )
         self.optimizer.init_state()  # optimizer state is lazy: create it so DCP can load into it
         state = self._state()
-        checkpoint.load(url, state)
+        dcp_io.load(url, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         if not restore_progress:

@@ -15,7 +15,10 @@ writing ranks held; a table-wise or column-wise sharded table is one band (the w
 table, which one rank held when it was written). The float64 work is chunked below that
 (``trainer.collapse.gram``).
 
-Paths and URLs go through fsspec: local paths (DCP's ``FileSystemReader``) and any
+``.metadata`` is read through ``trainer.dcp_io``'s allow-list unpickler; ``analyze_checkpoint``
+verifies every file's checksum once it has read the tables (a truncated shard fails the
+read itself, a flipped byte only the checksum), so no report comes from a corrupt checkpoint. Paths and URLs go through fsspec: local paths
+(DCP's ``FileSystemReader``) and any
 fsspec URL (DCP's ``FsspecReader``), e.g. ``memory://`` (checked in the tests), ``s3://``
 or ``gs://`` with their fsspec packages installed.
 """
@@ -31,14 +34,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from trainer.checkpoint import DCP_METADATA, META, first_error_line, read_meta, resolve_checkpoint
+from trainer import dcp_io
+from trainer.checkpoint import DCP_METADATA, META, read_meta, resolve_checkpoint, verify_files
 from trainer.collapse.analysis import DEFAULT_RTOL, CollapseReport, FieldCollapse, analyze_field
 from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, field_gram_from_chunks
 from trainer.errors import UserError
@@ -95,20 +97,10 @@ class CheckpointTables:
         progress = self.meta.get("progress") or {}
         self.step: int | None = progress.get("step")
         self.world_size: int | None = progress.get("world_size")
-        try:
-            self.metadata = self._reader().read_metadata()
-        except Exception as e:  # a truncated or foreign .metadata
-            raise UserError(f"checkpoint {self.url}: cannot read its DCP metadata ({type(e).__name__}: {e})") from None
+        self.metadata = dcp_io.read_metadata(self.url)  # allow-list unpickling: no code runs from it
         self.tables = self._find_tables()
 
     # ---- layout -------------------------------------------------------------------------
-
-    def _reader(self) -> FileSystemReader:
-        if "://" in self.url and not self.url.startswith("file://"):
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-            return FsspecReader(self.url)
-        return FileSystemReader(filesystem(self.url)[1])
 
     def _find_tables(self) -> dict[tuple[int, str], TableKey]:
         md = self.metadata.state_dict_metadata
@@ -162,6 +154,11 @@ class CheckpointTables:
 
     # ---- reading ------------------------------------------------------------------------
 
+    def verify(self) -> None:
+        """UserError unless every file has the sha256 recorded when the checkpoint was
+        written (``trainer.checkpoint.verify_files``): a flipped byte still loads."""
+        verify_files(self.url, self.meta)
+
     def read_window(self, field: str, start: int, stop: int) -> list[torch.Tensor]:
         """Rows ``[start, stop)`` of each set of ``field``: M float32 tensors (n, K)."""
         self._rows(field)
@@ -174,9 +171,9 @@ class CheckpointTables:
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*load in a single process.*")
-                dcp.load(state, storage_reader=self._reader(), planner=_WindowLoadPlanner(windows), no_dist=True)
+                dcp.load(state, storage_reader=dcp_io.storage_reader(self.url), planner=_WindowLoadPlanner(windows), no_dist=True)
         except (Exception, CheckpointException) as e:
-            raise UserError(f"checkpoint {self.url}: cannot read field {field!r} ({first_error_line(e)[:300]})") from None
+            raise UserError(f"checkpoint {self.url}: cannot read field {field!r} ({dcp_io.first_error_line(e)[:300]})") from None
         return [state[self.tables[(m, field)].key] for m in range(self.num_sets)]
 
     def field_bands(self, field: str) -> Iterator[list[torch.Tensor]]:
@@ -189,7 +186,7 @@ class CheckpointTables:
         return self.read_window(field, 0, self._rows(field))
 
 
-class _WindowLoadPlanner(DefaultLoadPlanner):
+class _WindowLoadPlanner(dcp_io.SafeLoadPlanner):
     """Loads a window ``(offsets, sizes)`` of each key into a plain tensor of the window's
     size: DCP's resharding read items for one local chunk at that offset."""
 
@@ -284,6 +281,7 @@ def analyze_checkpoint(
                 i + 1, len(names), name, ckpt.num_sets, fg.rows, ckpt.dim, fc.overall_ia or float("nan"),
                 fc.overall_random_ia, f", diversity {fc.mean_diversity:.3f}" if fc.mean_diversity is not None else "",
             )
+    ckpt.verify()
     return CollapseReport(
         source=ckpt.url,
         label=checkpoint_label(ckpt),

@@ -8,8 +8,8 @@ the artifact alone::
     from predictor import Predictor
     p = Predictor("ARTIFACT")                 # checks every file's sha256 first
     p.predict_ids(ids)                        # (B, F) int64 ids -> (B,) click probabilities
-    p.predict_rows([["0", "1", "", ...]])     # raw rows (label optional) -> (B,)
-    p.score_file("day_0.tsv", "scores.csv")   # raw file -> row,probability[,label]
+    p.predict_rows([["1", "", ...]])          # raw rows without the label -> (B,)
+    p.score_file("day_0.tsv", "scores.csv", labeled=False)   # raw file -> row,probability[,label]
 
 Artifact layout (``trainer.export`` writes it; every file is listed with its sha256 in
 ``MANIFEST.json``)::
@@ -44,7 +44,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -159,16 +159,22 @@ class FeatureTransform:
     def integer_token(self, value: int) -> int:
         return value if value <= self.identity_max else bisect.bisect_right(self.thresholds, value)
 
-    def field_positions(self, width: int, where: str) -> tuple[list[int], int | None]:
-        """Positions of the fields in a row of ``width`` columns, and of its label (None if absent)."""
-        for columns in (self.layout.columns, self.layout.unlabeled):
-            if width == len(columns):
-                label = columns.index(self.layout.label) if self.layout.label in columns else None
-                return [columns.index(f) for f in self.fields], label
-        raise ArtifactError(
-            f"{where}: expected {len(self.layout.columns)} columns (with {self.layout.label}) or "
-            f"{len(self.layout.unlabeled)} (without), got {width}"
-        )
+    def field_positions(self, width: int, where: str, labeled: bool) -> tuple[list[int], int | None]:
+        """Positions of the fields in a row of ``width`` columns with (``labeled``) or without
+        the label column, and of its label (None without). The layout is given, never guessed
+        from the width: a labelled row that lost a column is as wide as an unlabelled one."""
+        columns = self.layout.columns if labeled else self.layout.unlabeled
+        if width != len(columns):
+            other = self.layout.unlabeled if labeled else self.layout.columns
+            hint = (
+                f" ({width} is the width {'without' if labeled else 'with'} the label: is the file "
+                f"{'unlabelled' if labeled else 'labelled'}?)" if width == len(other) else ""
+            )
+            raise ArtifactError(
+                f"{where}: expected {len(columns)} columns ({'with' if labeled else 'without'} {self.layout.label}), "
+                f"got {width}{hint}"
+            )
+        return [columns.index(f) for f in self.fields], (columns.index(self.layout.label) if labeled else None)
 
     def ids(self, rows: Sequence[Sequence[str]], positions: list[int], lines: Sequence[int] | None = None, source: str = "row") -> torch.Tensor:
         """(B, F) int64 ids of raw ``rows`` (value strings, "" = missing; every row as wide as
@@ -238,77 +244,111 @@ class Predictor:
         with torch.no_grad():
             return self.program(ids)
 
-    def predict_rows(self, rows: Sequence[Sequence[str]], source: str = "row", lines: Sequence[int] | None = None) -> torch.Tensor:
-        """Raw rows (split into values; with or without the label column, all alike) -> (B,) probabilities."""
+    def predict_rows(
+        self, rows: Sequence[Sequence[str]], labeled: bool = False, source: str = "row", lines: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Raw rows (split into values; all without the label column, or all with it when
+        ``labeled``) -> (B,) probabilities."""
         if not rows:
             return torch.zeros(0)
-        return self.predict_ids(self._ids(rows, source, lines)[0])
+        return self.predict_ids(self._ids(rows, labeled, source, lines)[0])
 
-    def _ids(self, rows: Sequence[Sequence[str]], source: str, lines: Sequence[int] | None) -> tuple[torch.Tensor, int | None]:
-        """(ids, position of the label or None) of rows that all have the same layout."""
+    def _ids(
+        self, rows: Sequence[Sequence[str]], labeled: bool, source: str, lines: Sequence[int] | None
+    ) -> tuple[torch.Tensor, int | None]:
+        """(ids, position of the label or None) of rows in the given layout."""
         line_of = (lambda r: lines[r]) if lines is not None else (lambda r: r + 1)
         width = len(rows[0])
-        positions, label = self.transform.field_positions(width, f"{source}:{line_of(0)}")
+        positions, label = self.transform.field_positions(width, f"{source}:{line_of(0)}", labeled)
         for r, row in enumerate(rows):
             if len(row) != width:
-                self.transform.field_positions(len(row), f"{source}:{line_of(r)}")  # raises for a foreign width
-                raise ArtifactError(f"{source}:{line_of(r)}: {len(row)} columns, but the first row has {width}")
+                self.transform.field_positions(len(row), f"{source}:{line_of(r)}", labeled)  # raises
         return self.transform.ids(rows, positions, lines, source), label
 
-    def read_rows(self, path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
-        """(line number, values) of every data row of a raw file in the artifact's layout."""
+    def read_rows(self, path: str | os.PathLike, labeled: bool | None = None) -> tuple[bool, Iterator[tuple[int, list[str]]]]:
+        """Whether the rows of the raw file ``path`` have the label column, and an iterator of
+        its data rows (line number, values). With a header the header says (and ``labeled``,
+        when given, must agree); without one ``labeled`` must say."""
         layout = self.transform.layout
-        opener = _open_text(path)
-        with opener as f:
-            reader = csv.reader(
-                f, delimiter=layout.delimiter, quoting=csv.QUOTE_MINIMAL if layout.quoted else csv.QUOTE_NONE, strict=True
-            )
-            try:
-                if layout.has_header:
-                    header = next(reader, None)
-                    if header is None:
-                        return
-                    if tuple(header) not in (layout.columns, layout.unlabeled):
-                        raise ArtifactError(
-                            f"{path}:1: header is not the model's layout: expected {layout.delimiter.join(layout.columns)} "
-                            f"(the {layout.label} column optional), got {layout.delimiter.join(header)}"
-                        )
-                for row in reader:
-                    yield reader.line_num, row
-            except csv.Error as e:
-                raise ArtifactError(f"{path}:{reader.line_num}: {e}") from None
+        f = _open_text(path)
+        reader = csv.reader(
+            f, delimiter=layout.delimiter, quoting=csv.QUOTE_MINIMAL if layout.quoted else csv.QUOTE_NONE, strict=True
+        )
+        try:
+            if layout.has_header:
+                header = tuple(next(reader, None) or ())
+                if header and header not in (layout.columns, layout.unlabeled):
+                    raise ArtifactError(
+                        f"{path}:1: header is not the model's layout: expected {layout.delimiter.join(layout.columns)} "
+                        f"(the {layout.label} column optional), got {layout.delimiter.join(header)}"
+                    )
+                has_label = header == layout.columns if header else bool(labeled)
+                if labeled is not None and header and labeled != has_label:
+                    raise ArtifactError(
+                        f"{path}:1: the header {'has' if has_label else 'has no'} {layout.label} column, but the file "
+                        f"was given as {'labelled' if labeled else 'unlabelled'}"
+                    )
+            elif labeled is None:
+                raise ArtifactError(
+                    f"{path}: this layout has no header, so say whether its rows have the {layout.label} column "
+                    f"(--labeled or --unlabeled): {len(layout.columns)} and {len(layout.unlabeled)} columns are both "
+                    "possible widths, and a guess would shift every feature of a row that lost a column"
+                )
+            else:
+                has_label = labeled
+        except BaseException:
+            f.close()
+            raise
+        return has_label, _rows(f, reader, path)
 
-    def score_file(self, input_path: str | os.PathLike, output_path: str | os.PathLike, batch_rows: int = 8192) -> int:
+    def score_file(
+        self,
+        input_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        batch_rows: int = 8192,
+        labeled: bool | None = None,
+        overwrite: bool = False,
+    ) -> int:
         """Score every row of ``input_path`` into ``output_path`` (CSV ``row,probability[,label]``,
-        written under a temporary name and renamed when complete). Returns the row count."""
+        written under a temporary name and renamed when complete). ``labeled``: whether the rows
+        have the label column (required when the layout has no header; see ``read_rows``). An
+        existing output is an error unless ``overwrite``. Returns the row count."""
         output = Path(output_path)
         if not output.parent.is_dir():
             raise ArtifactError(f"cannot write {output}: its directory {output.parent} does not exist")
+        if output.exists() and not overwrite:
+            raise ArtifactError(f"output already exists: {output} (remove it or pass --overwrite)")
+        has_label, rows = self.read_rows(input_path, labeled)
         tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-        count, width = 0, None
+        count = 0
         try:
             with open(tmp, "w", newline="") as out:
                 writer = csv.writer(out)
-                for lines, rows in _batches(self.read_rows(input_path), batch_rows):
-                    if width is not None and len(rows[0]) != width:
-                        raise ArtifactError(f"{input_path}:{lines[0]}: {len(rows[0])} columns, but earlier rows have {width}")
-                    ids, label = self._ids(rows, str(input_path), lines)
-                    if width is None:
-                        width = len(rows[0])
-                        writer.writerow(["row", "probability"] + (["label"] if label is not None else []))
+                writer.writerow(["row", "probability"] + (["label"] if has_label else []))
+                for lines, batch in _batches(rows, batch_rows):
+                    ids, label = self._ids(batch, has_label, str(input_path), lines)
                     probabilities = self.predict_ids(ids).tolist()
                     if label is None:
                         writer.writerows([count + i, f"{p:.9g}"] for i, p in enumerate(probabilities))
                     else:
-                        writer.writerows([count + i, f"{p:.9g}", row[label]] for i, (p, row) in enumerate(zip(probabilities, rows)))
-                    count += len(rows)
-                if width is None:
-                    writer.writerow(["row", "probability"])
+                        writer.writerows([count + i, f"{p:.9g}", row[label]] for i, (p, row) in enumerate(zip(probabilities, batch)))
+                    count += len(batch)
             os.replace(tmp, output)
         finally:
+            rows.close()
             if tmp.exists():
                 tmp.unlink()
         return count
+
+
+def _rows(f: Any, reader: Any, path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
+    """(line number, values) of the rest of ``reader``; closes ``f`` at the end."""
+    with f:
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise ArtifactError(f"{path}:{reader.line_num}: {e}") from None
 
 
 def _batches(rows: Iterable[tuple[int, list[str]]], size: int) -> Iterator[tuple[list[int], list[list[str]]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trainer import checkpoint
+from trainer import checkpoint, dcp_io
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
 from trainer.job_config import EmbeddingConfig, ModelConfig
@@ -76,7 +76,7 @@ def load_checkpoint_model(url: str) -> CheckpointModel:
         raise UserError(f"checkpoint {url}: its meta.json has no model identity (not written by trainer.main?)")
     model = build_model(identity, url)
     state = {"model": {TRAIN_MODULE_PREFIX + k: v for k, v in model.state_dict().items()}}
-    checkpoint.load(url, state)
+    dcp_io.load(url, state)
     model.load_state_dict({k[len(TRAIN_MODULE_PREFIX):]: v for k, v in state["model"].items()})
     run_dir = RunDir.of_checkpoint(url)
     summary = run_dir.read_summary() if run_dir else None
