@@ -132,6 +132,11 @@ def collect_records(spec: SweepSpec, cells: list[Cell], output: str, outcomes: d
 # ---- running ----------------------------------------------------------------------------
 
 
+def _num(value: float | None) -> str:
+    """A summary metric for the log: ``null`` (undefined, e.g. a single-class split) as n/a."""
+    return "n/a" if value is None else f"{value:.5f}"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -201,8 +206,8 @@ def run_sweep(
                         s = RunDir(cell_dir(output, cell)).read_summary() or {}
                         ia = read_collapse(cell_dir(output, cell), s.get("best_step")) or {}
                         log.info(
-                            "[%d/%d] done %s in %s: test AUC %.5f, logloss %.5f%s",
-                            number, len(pending), cell.id, _duration(outcome.seconds or 0), s["test_auc"], s["test_logloss"],
+                            "[%d/%d] done %s in %s: test AUC %s, logloss %s%s",
+                            number, len(pending), cell.id, _duration(outcome.seconds or 0), _num(s["test_auc"]), _num(s["test_logloss"]),
                             f", mean IA {ia['mean_ia']:.2f}" if ia.get("mean_ia") is not None else "",
                         )  # fmt: skip
                     else:

@@ -146,6 +146,7 @@ def test_unreachable_pushgateway_warns_once_and_never_raises(caplog):
         for step in range(3):
             telemetry.record_train(step, loss=0.5, examples=10, examples_per_second=1.0)
         telemetry.record_validation(0.7, 0.5)
+        assert telemetry.close()  # the pushes are tried in the background: a refused one does not wait
     warnings = [r for r in caplog.records if "Pushgateway" in r.getMessage()]
     assert len(warnings) == 1 and f"127.0.0.1:{closed_port}" in warnings[0].getMessage()
 

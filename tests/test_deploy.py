@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -101,6 +102,7 @@ EXPECTED = {
     ("ConfigMap", "ctr-settings"), ("Deployment", "pushgateway"), ("Service", "pushgateway"),
     ("ServiceMonitor", "pushgateway"), ("CronJob", "ctr-collapse-monitor"),
     ("PrometheusRule", "ctr-embedding-collapse"),
+    ("NetworkPolicy", "pushgateway-push"), ("NetworkPolicy", "pushgateway-scrape"),
 }
 
 
@@ -159,6 +161,10 @@ def test_the_validators_reject_a_typo():
     cronjob["spec"]["schedule"] = 6
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(cronjob)
+    policy = copy.deepcopy(one(objects, "NetworkPolicy", "pushgateway-scrape"))
+    policy["spec"]["ingress"][0]["from"][0]["namespaceSelecter"] = policy["spec"]["ingress"][0]["from"][0].pop("namespaceSelector")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(policy)
     typos = {
         "Queue": lambda o: o["spec"].update(capabilty={"cpu": "1"}),
         "ServiceMonitor": lambda o: o["spec"]["endpoints"][0].update(honorlabels=True),
@@ -300,6 +306,149 @@ def test_pushgateway_is_pinned_and_scraped_with_honor_labels():
     assert endpoint["honorLabels"] is True
     assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
     assert any(p.get("name") == endpoint["port"] for p in gateway["ports"])
+
+
+# ---------------------------------------------------------------------- who reaches the Pushgateway
+
+# the torchx jobs of pipelines/components.py, with arguments for `torchx run --dryrun`: the ones
+# that push to the Pushgateway, and ones that do not
+PUSHING_COMPONENTS = {
+    "train": ["--config", "configs/criteo_me.yaml", "--data", "s3://b/criteo", "--run_dir", "s3://b/runs/me4x",
+              "-j", "2x8", "--gpu", "8", "--memMB", "480000", "--pushgateway", "pushgateway:9091"],
+    "collapse_monitor": ["--checkpoint", "s3://b/runs/me4x", "--output", "s3://b/reports/me4x", "--pushgateway", "pushgateway:9091"],
+    "sweep": ["--spec", "configs/sweeps/small.yaml", "--env", "CTR_PUSHGATEWAY=pushgateway:9091"],
+}
+SILENT_COMPONENTS = {
+    "export": ["--checkpoint", "s3://b/runs/me4x", "--output", "s3://b/artifacts/me4x"],
+    "pipeline": ["--config", "configs/pipelines/kubernetes.yaml"],
+}
+# the pods of kube-prometheus-stack's Prometheus (release kube-prometheus-stack), as the
+# Prometheus Operator labels them; they run in the namespace `monitoring`
+KUBE_PROMETHEUS_STACK_POD = {
+    "app.kubernetes.io/name": "prometheus",
+    "app.kubernetes.io/managed-by": "prometheus-operator",
+    "app.kubernetes.io/instance": "kube-prometheus-stack-prometheus",
+    "operator.prometheus.io/name": "kube-prometheus-stack-prometheus",
+    "operator.prometheus.io/shard": "0",
+    "prometheus": "kube-prometheus-stack-prometheus",
+}
+
+
+def _torchx_dryrun_pod_labels(component: str) -> list[dict]:
+    """The labels of every pod of the Volcano job `torchx run -s kubernetes --dryrun` prints."""
+    cmd = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "kubernetes", "--dryrun", "--workspace", "",
+           "-cfg", "queue=ctr,namespace=ctr,service_account=ctr-trainer",
+           f"pipelines/components.py:{component}", *{**PUSHING_COMPONENTS, **SILENT_COMPONENTS}[component]]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
+    job = yaml.safe_load(done.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
+    assert (job["apiVersion"], job["kind"]) == ("batch.volcano.sh/v1alpha1", "Job")
+    return [task["template"]["metadata"]["labels"] for task in job["spec"]["tasks"]]
+
+
+@cache
+def torchx_pod_labels() -> dict[str, list[dict]]:
+    """Component name -> the labels of its job's pods, all dry-runs at once."""
+    names = [*PUSHING_COMPONENTS, *SILENT_COMPONENTS]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(_torchx_dryrun_pod_labels, names)))
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector: every matchLabels entry and matchExpression holds ({} selects all)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expression["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+def admitted_by(objects: list[dict], pod_labels: dict, pod_namespace: str) -> set[str]:
+    """The NetworkPolicies that let a pod (its labels, its namespace) reach the Pushgateway's pods."""
+    gateway = one(objects, "Deployment", "pushgateway")["spec"]["template"]["metadata"]["labels"]
+    names = set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        if not selects(policy["spec"]["podSelector"], gateway):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer:  # namespaces carry their name as kubernetes.io/metadata.name
+                    in_namespace = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod_namespace})
+                else:  # a podSelector alone: the policy's own namespace
+                    in_namespace = pod_namespace == policy["metadata"]["namespace"]
+                if in_namespace and selects(peer.get("podSelector", {}), pod_labels):
+                    names.add(policy["metadata"]["name"])
+    return names
+
+
+@RENDERS
+def test_network_policies_isolate_the_pushgateway_port(path, namespace):
+    objects = render(path)
+    deployment = one(objects, "Deployment", "pushgateway")
+    gateway_pod = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = containers(deployment)
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert {p["metadata"]["name"] for p in policies} == {"pushgateway-push", "pushgateway-scrape"}
+    monitor_pod = one(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for policy in policies:
+        spec, name = policy["spec"], policy["metadata"]["name"]
+        assert selects(spec["podSelector"], gateway_pod), f"{name} does not select the Pushgateway's pods"
+        assert not selects(spec["podSelector"], monitor_pod), f"{name} selects more than the Pushgateway"
+        assert spec["policyTypes"] == ["Ingress"], name
+        for rule in spec["ingress"]:
+            assert rule.get("from"), f"{name}: a rule without `from` admits every pod"
+            assert not [peer for peer in rule["from"] if "ipBlock" in peer], f"{name}: pods only, no address ranges"
+            # the port the Service forwards to, named as in the container
+            assert [(p["port"], p.get("protocol", "TCP")) for p in rule["ports"]] == [("http", "TCP")], name
+    assert any(p["name"] == "http" for p in container["ports"])
+    assert one(objects, "Service", "pushgateway")["spec"]["ports"][0]["targetPort"] == "http"
+
+
+@pytest.mark.slow  # torchx dry-runs
+@RENDERS
+def test_only_the_pods_that_push_reach_the_pushgateway(path, namespace):
+    objects = render(path)
+    cronjob = one(objects, "CronJob", "ctr-collapse-monitor")
+    pods = {"the collapse-monitor CronJob": [cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]]}
+    labels = torchx_pod_labels()
+    pods |= {f"torchx {name}": labels[name] for name in PUSHING_COMPONENTS}
+    assert len(pods["torchx train"]) == 2  # -j 2x8: every host, whichever holds rank 0
+    for who, pod_labels in pods.items():
+        for one_pod in pod_labels:  # torchx jobs run in the namespace -cfg names: this one
+            assert admitted_by(objects, one_pod, namespace) == {"pushgateway-push"}, f"{who} ({one_pod}) cannot push"
+            assert not admitted_by(objects, one_pod, "elsewhere"), f"{who}'s labels reach it from another namespace"
+    for name in SILENT_COMPONENTS:
+        for one_pod in labels[name]:
+            assert not admitted_by(objects, one_pod, namespace), f"torchx {name} does not push but may reach the Pushgateway"
+    assert not admitted_by(objects, {"app.kubernetes.io/name": "anything"}, namespace)
+    assert not admitted_by(objects, {}, namespace)
+
+
+@RENDERS
+def test_only_prometheus_scrapes_the_pushgateway(path, namespace):
+    objects = render(path)
+    assert admitted_by(objects, KUBE_PROMETHEUS_STACK_POD, "monitoring") == {"pushgateway-scrape"}
+    assert not admitted_by(objects, KUBE_PROMETHEUS_STACK_POD, namespace), "Prometheus's labels, but not its namespace"
+    assert not admitted_by(objects, {"app.kubernetes.io/name": "grafana"}, "monitoring"), "its namespace, not Prometheus"
+    (rule,) = one(objects, "NetworkPolicy", "pushgateway-scrape")["spec"]["ingress"]
+    for peer in rule["from"]:  # as two entries, either selector alone would admit
+        assert {"namespaceSelector", "podSelector"} <= peer.keys(), peer
+
+
+def test_overlay_chooses_which_prometheus_scrapes():
+    another = {**KUBE_PROMETHEUS_STACK_POD, "operator.prometheus.io/name": "another", "prometheus": "another"}
+    assert admitted_by(render(BASE), another, "monitoring"), "the base admits any Prometheus of `monitoring`"
+    assert not admitted_by(render(OVERLAY), another, "monitoring"), "the overlay admits kube-prometheus-stack's only"
+    push = [one(render(p), "NetworkPolicy", "pushgateway-push")["spec"] for p in (BASE, OVERLAY)]
+    assert push[0] == push[1], "the overlay changes only who scrapes"
 
 
 @RENDERS

@@ -9,7 +9,6 @@ epoch on 2 gloo ranks (torchrun), and write their test predictions
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import PYTHON, ROOT, Launcher, ok, run, torchrun, user_error
+from tests.helpers import PYTHON, Launcher, ok, run, torchrun, user_error
 from trainer.data.splits import TEST, assign_splits
 from trainer.data.transforms import criteo_integer_token
 from trainer.errors import UserError

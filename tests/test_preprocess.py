@@ -279,7 +279,7 @@ def test_bytes_that_are_not_utf8(tmp_path):
     rare = [r[:25] + [not_utf8] + r[26:] if i == 3 else r for i, r in enumerate(rows)]
     schema = preprocess(_config(write("rare.tsv", rare), tmp_path / "out", min_count=2))
     assert schema.recipe["rows_read"] == 200 and schema.recipe["bad_rows"]["count"] == 0
-    with pytest.raises(UserError, match=r"int\.tsv:1: I2 '1\ufffd' is not an integer"):
+    with pytest.raises(UserError, match=r"int\.tsv:1: I2 '1\\xff' is not an integer"):  # escaped, not U+FFFD
         preprocess(_config(write("int.tsv", [r[:2] + ["1\udcff"] + r[3:] for r in rows]), tmp_path / "out2"))
     with pytest.raises(UserError, match=r"freq\.tsv: field C1 has frequent values that are not UTF-8 text"):
         frequent = write("freq.tsv", [r[:14] + [not_utf8] + r[15:] for r in rows])
@@ -294,8 +294,15 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         preprocess(_config(good, tmp_path / "out", min_count=2))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    preprocess(_config(good, tmp_path / "out", min_count=2, overwrite=True))
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "schema.json").exists()
+    with pytest.raises(UserError, match=r"refusing to overwrite .*out: it is not a dataset \(no schema\.json"):
+        preprocess(_config(good, tmp_path / "out", min_count=2, overwrite=True))  # not ours to delete
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    preprocess(_config(good, tmp_path / "out", min_count=2, overwrite=True))  # an empty directory may be replaced
+    first = (tmp_path / "out" / "schema.json").read_text()
+    preprocess(_config(good, tmp_path / "out", min_count=3, overwrite=True))  # and so may a dataset
+    assert (tmp_path / "out" / "schema.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.tsv", "out"]
 
 
 def _indexed_rows(n: int) -> list[list[str]]:

@@ -17,7 +17,6 @@ from tests.helpers import (
     assert_same_tensors,
     checkpoint_steps,
     ckpt_path,
-    copy_run,
     load_checkpoint_tensors,
     metrics,
     ok,

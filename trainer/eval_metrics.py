@@ -59,3 +59,14 @@ def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "calibration": float(probabilities.mean() / observed) if observed > 0 else float("nan"),
         "rows": int(len(labels)),
     }
+
+
+def undefined_metrics(labels: np.ndarray, split: str) -> dict[str, str]:
+    """Why ``binary_metrics`` of 0/1 labels (N,), N >= 1, is NaN, per metric ({} when all are defined)."""
+    rows, positives = len(labels), int(np.sum(labels))
+    reasons = {}
+    if positives in (0, rows):
+        reasons["auc"] = f"single-class {split} split (all {rows} labels are {int(positives == rows)}): AUC undefined"
+    if positives == 0:
+        reasons["calibration"] = f"no positive label in the {split} split: calibration (predicted / observed CTR) undefined"
+    return reasons

@@ -19,6 +19,8 @@ device is known: ``trainer.sharding`` and ``trainer.embedding_optim``.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -172,6 +174,8 @@ class RunConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
 
     def __post_init__(self) -> None:
+        if not self.dir.strip():
+            raise UserError("run.dir is empty: name the run directory")
         if self.device not in DEVICES:
             raise UserError(f"run.device {self.device!r}: expected one of {list(DEVICES)}")
 
@@ -207,10 +211,12 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if not (self.embedding_lr > 0 and self.dense_lr > 0):
-            raise UserError("optim.embedding_lr and optim.dense_lr must be positive")
-        if self.weight_decay < 0:
-            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        # written so that NaN fails too (every comparison with NaN is false)
+        for name in ("embedding_lr", "dense_lr", "eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise UserError(f"optim.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -220,11 +226,19 @@ class MonitoringConfig:
     run_id: str = ""  # the ``run`` label of every series; "" = $CTR_RUN_ID, else the run directory's name
     pushgateway: str = ""  # host:port of a Prometheus Pushgateway; "" = $CTR_PUSHGATEWAY, else no push
     metrics_port: int = 0  # also serve /metrics from rank 0 on this port (0 = no)
+    metrics_address: str = "127.0.0.1"  # the IP /metrics binds; 0.0.0.0 = every interface (scraped from outside the pod)
     collapse_every_steps: int = 0  # IA / set diversity every N steps too (0 = at each evaluation only)
 
     def __post_init__(self) -> None:
         if self.metrics_port < 0 or self.collapse_every_steps < 0:
             raise UserError("monitoring.metrics_port and monitoring.collapse_every_steps must be >= 0")
+        try:
+            ipaddress.ip_address(self.metrics_address)
+        except ValueError:
+            raise UserError(
+                f"monitoring.metrics_address {self.metrics_address!r}: expected an IP address "
+                "(127.0.0.1: this host only; 0.0.0.0: every interface)"
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _quiet_libraries()
     config = load_config(args.config, args.overrides)
+    run_dir = RunDir(config.run.dir)
+    run_dir.check_writable()
     # torch, torchrec and fbgemm load only now: --help and a refused config answer at once
     from trainer.dist_context import init_distributed, on_rank0, shutdown
     from trainer.train import Trainer
@@ -60,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        run_dir = RunDir(config.run.dir)
         existing = checkpoint.list_checkpoints(run_dir.checkpoints)
         if args.resume == "never" and existing:
             raise UserError(f"{run_dir.url} already has checkpoints ({existing[-1].url}); use --resume auto or another run.dir")
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             trainer.restore(existing[-1].url)
 
         def write_run_dir() -> None:  # only now: a refused config or checkpoint leaves the run directory as it was
-            run_dir.create()
-            run_dir.write_config(config)
-            run_dir.write_plan(trainer.plan_text)
+            try:
+                run_dir.create()
+                run_dir.drop_records_after(trainer.progress.step)  # a resumed run trains (and logs) the later steps again
+                run_dir.write_config(config)
+                run_dir.write_plan(trainer.plan_text)
+            except OSError as e:  # e.g. a denied write on an object store (check_writable covers local paths)
+                raise UserError(f"cannot write the run directory {run_dir.url}: {e}") from None
 
         on_rank0(write_run_dir)
         _fault_injection(trainer)

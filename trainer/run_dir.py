@@ -5,27 +5,33 @@
     RUN/metrics.jsonl    one JSON record per log window and evaluation
     RUN/collapse.jsonl   IA, IA / random IA and set diversity per field, per measurement
     RUN/checkpoints/     DCP checkpoints (latest and best; ``trainer.checkpoint``)
-    RUN/summary.json     the outcome; RUN/summary.txt the same for people
+    RUN/summary.json     the outcome (strict JSON: an undefined metric is null, and
+                         ``<key>_reason`` says why); RUN/summary.txt the same for people
     RUN/test_predictions.parquet  logit and label of every test row (split order), best checkpoint
 
 ``RunDir`` owns this layout both ways: the trainer writes through it (rank 0, each file
-under a temporary name and renamed; the JSONL files are appended), and the sweep, the
-pipeline, export and the benchmarks read through it. Paths or fsspec URLs.
+under a temporary name and renamed; the JSONL files are appended, and cut back to the
+step a run resumes from), and the sweep, the pipeline, export and the benchmarks read
+through it. Paths or fsspec URLs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from trainer import checkpoint, typed_yaml
+from trainer.errors import UserError
 from trainer.storage import filesystem, join
 
 CONFIG = "config.yaml"
@@ -66,6 +72,20 @@ class RunDir:
 
     # ---- writing (rank 0) ---------------------------------------------------------------
 
+    def check_writable(self) -> None:
+        """Refuse, before a run builds anything, a ``run.dir`` that is a file and, for local paths,
+        one that cannot be created: a file above it, or no write permission (e.g. a read-only
+        mount). Other filesystems report a denied write when the directory is first written."""
+        if self.fs.isfile(self.path):
+            raise UserError(f"run.dir {self.url} is a file, not a directory")
+        if not isinstance(self.fs, LocalFileSystem):
+            return
+        existing = next(p for p in (Path(self.path), *Path(self.path).parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"run.dir {self.url}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"run.dir {self.url}: cannot write in {existing} (no permission, or a read-only file system)")
+
     def create(self) -> None:
         self.fs.makedirs(self.path, exist_ok=True)
 
@@ -95,6 +115,18 @@ class RunDir:
 
     def append_collapse(self, record: dict[str, Any]) -> None:
         self._append_jsonl(COLLAPSE, record)
+
+    def drop_records_after(self, step: int) -> None:
+        """Rewrite ``metrics.jsonl`` and ``collapse.jsonl`` (atomically) without the records of
+        steps after ``step`` and the lines a killed run cut: a run resumed at ``step`` (0: started
+        afresh) logs those steps again, and each step must appear once."""
+        for name in (METRICS, COLLAPSE):
+            text = self.read_text(name)
+            if not text:
+                continue
+            kept = "".join(json.dumps(r) + "\n" for r in _jsonl_records(text) if r.get("step", 0) <= step)
+            if kept != text:
+                self.write_text(name, kept)
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         with self.fs.open(join(self.path, name), "a") as f:

@@ -2,8 +2,9 @@
 
 Pushed to a Pushgateway (job ``ctr_trainer``, or ``ctr_collapse_monitor`` for the
 offline monitor, so that neither replaces the other's group; grouping key ``run=<run id>``)
-and/or served on ``/metrics``. Names follow Prometheus conventions (base
-units, ``_total`` for counters, ``_seconds``/``_timestamp_seconds``):
+and/or served on ``/metrics`` (bound to ``metrics_address``: 127.0.0.1 unless told
+otherwise). Names follow Prometheus conventions (base units, ``_total`` for counters,
+``_seconds``/``_timestamp_seconds``):
 
     ctr_train_loss{run}                                   mean training loss of the last log window
     ctr_train_examples_total{run}                         training examples so far
@@ -16,29 +17,38 @@ units, ``_total`` for counters, ``_seconds``/``_timestamp_seconds``):
     ctr_last_success_timestamp_seconds{run}               when this run last reported successfully
     ctr_run_finished_timestamp_seconds{run}               when the run finished (absent while it trains)
 
-An unreachable Pushgateway never stops training: one warning, then the
-exporter keeps trying quietly at each report.
+Training never waits on the Pushgateway: each report queues a snapshot for a background
+thread that pushes with a ``PUSH_TIMEOUT_S`` timeout; at most ``QUEUE_SIZE`` wait (a new
+one drops the oldest, counted in ``dropped_pushes``). ``close()`` (by ``record_finished``,
+else at exit) waits at most ``CLOSE_TIMEOUT_S`` for them. A Pushgateway that is unreachable
+or never answers costs one warning, never the run.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import threading
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("trainer.telemetry")
 JOB = "ctr_trainer"
 MONITOR_JOB = "ctr_collapse_monitor"
+PUSH_TIMEOUT_S = 5.0  # one push's socket timeout
+QUEUE_SIZE = 4  # snapshots waiting to be pushed; each push replaces the group, so the newest matter
+CLOSE_TIMEOUT_S = 5.0  # how long close() waits for the queued pushes
 
 
 class Telemetry:
-    def __init__(self, run_id: str, pushgateway: str = "", metrics_port: int = 0, job: str = JOB):
+    def __init__(self, run_id: str, pushgateway: str = "", metrics_port: int = 0, job: str = JOB,
+                 metrics_address: str = "127.0.0.1"):
         self.run_id = run_id
-        self.pushgateway = pushgateway
-        self.job = job  # the Pushgateway group is (job, run): a push replaces only its own group
         self.registry = CollectorRegistry()
         r, run = self.registry, ["run"]
         self.loss = Gauge("ctr_train_loss", "Mean training loss of the last log window", run, registry=r)
@@ -69,15 +79,24 @@ class Telemetry:
         self.finished = Gauge(
             "ctr_run_finished_timestamp_seconds", "Unix time the run finished training (absent while it trains)", run, registry=r
         )
-        self._warned = False
+        # the Pushgateway group is (job, run): a push replaces only its own group
+        self._pusher = _Pusher(pushgateway, job, run_id) if pushgateway else None
+        if self._pusher is not None:
+            atexit.register(self.close)
         if metrics_port:
-            start_http_server(metrics_port, registry=r)
-            log.info("serving Prometheus metrics on :%d/metrics", metrics_port)
+            start_http_server(metrics_port, addr=metrics_address, registry=r)
+            log.info("serving Prometheus metrics on %s:%d/metrics", metrics_address, metrics_port)
+
+    @property
+    def dropped_pushes(self) -> int:
+        """Reports never pushed because newer ones filled the queue behind a slow Pushgateway."""
+        return self._pusher.dropped if self._pusher is not None else 0
 
     def record_finished(self) -> None:
         """The run ended normally: its silence from now on is not an outage (TrainerStoppedReporting)."""
         self.finished.labels(self.run_id).set(time.time())
         self._report()
+        self.close()
 
     def record_train(self, step: int, loss: float, examples: int, examples_per_second: float) -> None:
         self.step.labels(self.run_id).set(step)
@@ -104,13 +123,80 @@ class Telemetry:
                 self.diversity.labels(self.run_id, f.field).set(f.mean_diversity)
         self._report()
 
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Wait at most ``timeout`` seconds for the queued pushes; later reports are not pushed.
+        True when every queued report went out (or failed: an unreachable gateway does not wait)."""
+        if self._pusher is None:
+            return True
+        atexit.unregister(self.close)
+        if self._pusher.close(timeout):
+            return True
+        self._pusher.warn_once(f"still queued after {timeout:g}s")
+        return False
+
     def _report(self) -> None:
         self.last_success.labels(self.run_id).set(time.time())
-        if not self.pushgateway:
-            return
-        try:
-            push_to_gateway(self.pushgateway, job=self.job, registry=self.registry, grouping_key={"run": self.run_id}, timeout=5)
-        except OSError as e:
-            if not self._warned:
-                log.warning("cannot push metrics to the Pushgateway at %s (%s); training goes on", self.pushgateway, e)
-                self._warned = True
+        if self._pusher is not None:
+            self._pusher.submit(_Snapshot(self.registry))
+
+
+class _Snapshot(Collector):
+    """The series as they were at one report: what a queued push sends."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._families = list(registry.collect())
+
+    def collect(self):
+        return self._families
+
+
+class _Pusher:
+    """Pushes snapshots to a Pushgateway from a daemon thread, oldest first; the queue is bounded."""
+
+    def __init__(self, gateway: str, job: str, run_id: str):
+        self.gateway, self.job, self.run_id = gateway, job, run_id
+        self.dropped = 0
+        self._queue: deque[_Snapshot] = deque()
+        self._busy = self._closed = self._warned = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name=f"pushgateway-{run_id}", daemon=True).start()
+
+    def submit(self, snapshot: _Snapshot) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._queue) == QUEUE_SIZE:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(snapshot)
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Take no more snapshots; wait up to ``timeout`` s for the queue to empty (True if it did)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def warn_once(self, reason: object) -> None:
+        with self._cond:
+            if self._warned:
+                return
+            self._warned = True
+        log.warning("cannot push metrics to the Pushgateway at %s (%s); training goes on", self.gateway, reason)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                snapshot = self._queue.popleft()
+                self._busy = True
+            try:
+                push_to_gateway(self.gateway, job=self.job, registry=snapshot, grouping_key={"run": self.run_id},
+                                timeout=PUSH_TIMEOUT_S)
+            except Exception as e:  # whatever the gateway or the network does, this thread goes on
+                self.warn_once(e)

@@ -30,11 +30,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from trainer import checkpoint, dcp_io
 from trainer.collapse.sharded_tables import analyze_sharded_model
 from trainer.data.loader import CTRDataLoader, LoaderConfig
-from trainer.data.schema import DatasetSchema, read_schema
+from trainer.data.schema import LABEL_COLUMN, DatasetSchema, read_schema
 from trainer.dist_context import DistContext
 from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
 from trainer.errors import UserError
-from trainer.eval_metrics import binary_metrics, gather
+from trainer.eval_metrics import binary_metrics, gather, undefined_metrics
 from trainer.job_config import TrainConfig
 from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
 from trainer.plan_table import render_plan
@@ -99,7 +99,8 @@ class Trainer:
         m = config.monitoring
         self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or run_dir.name
         self.telemetry = (
-            Telemetry(self.run_id, m.pushgateway or os.environ.get("CTR_PUSHGATEWAY", ""), m.metrics_port)
+            Telemetry(self.run_id, m.pushgateway or os.environ.get("CTR_PUSHGATEWAY", ""), m.metrics_port,
+                      metrics_address=m.metrics_address)
             if ctx.is_main
             else None
         )
@@ -109,6 +110,11 @@ class Trainer:
 
     def _build(self) -> None:
         c, ctx = self.config, self.ctx
+        # the loaders first: they check the data's ids against the schema before anything is built
+        self.train_loader = self._loader("train", shuffle=True)
+        self.eval_loaders = {s: self._loader(s, shuffle=False) for s in ("val", "test")}
+        if ctx.is_main:
+            self._warn_single_class_splits()
         model = MultiEmbeddingCTR.from_config(
             self.schema.sparse_fields, c.model, c.embedding, seed=c.train.seed, table_device=torch.device("meta")
         )
@@ -135,8 +141,6 @@ class Trainer:
             lambda params: torch.optim.Adam(params, lr=c.optim.dense_lr, weight_decay=c.optim.weight_decay),
         )
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device, execute_all_batches=True)
-        self.train_loader = self._loader("train", shuffle=True)
-        self.eval_loaders = {s: self._loader(s, shuffle=False) for s in ("val", "test")}
 
     def _loader(self, split: str, shuffle: bool) -> CTRDataLoader:
         c = self.config
@@ -152,6 +156,19 @@ class Trainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
+
+    def _warn_single_class_splits(self) -> None:
+        """Warn when every label of a split is the same (from the parquet statistics)."""
+        effects = {
+            "train": "training learns nothing useful from it",
+            "val": "validation AUC is undefined: the first evaluation stays the best checkpoint and early "
+            "stopping comes after train.patience more evaluations",
+            "test": "test AUC is undefined",
+        }
+        for split, loader in (("train", self.train_loader), *self.eval_loaders.items()):
+            found = loader.column_range(LABEL_COLUMN)
+            if found is not None and found[0] == found[1]:
+                log.warning("every label of the %s split is %d: %s", split, found[0], effects[split])
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
@@ -477,7 +494,8 @@ class Trainer:
     # ---- the end --------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Test the best checkpoint and write ``summary.json``."""
+        """Test the best checkpoint and write ``summary.json`` (a metric the data leaves undefined,
+        such as the AUC of a single-class split, is None there, with ``<key>_reason``)."""
         p = self.progress
         if p.last_eval_step != p.step:  # stopped by max_steps after the last evaluation (or before any)
             self._evaluate_and_track()
@@ -485,7 +503,8 @@ class Trainer:
         best = checkpoint.join(self.run_dir.checkpoints, checkpoint.checkpoint_name(p.best_step))
         if p.best_step != p.step:
             self.restore(best, restore_progress=False)
-        val = self.evaluate("val")
+        val_logits, val_labels = self.score("val")
+        val = binary_metrics(val_logits, val_labels)
         test_logits, test_labels = self.score("test")
         test = binary_metrics(test_logits, test_labels)
         if self.ctx.is_main:
@@ -516,6 +535,14 @@ class Trainer:
             "oracle_test_auc": oracle.get("auc"),
             "oracle_test_logloss": oracle.get("logloss"),
         }
+        reasons = {
+            **{f"val_{k}": why for k, why in undefined_metrics(val_labels, "val").items()},
+            **{f"test_{k}": why for k, why in undefined_metrics(test_labels, "test").items()},
+        }
+        for key, value in list(summary.items()):  # strict JSON has no NaN: null, and why
+            if isinstance(value, float) and not math.isfinite(value):
+                summary[key] = None
+                summary[f"{key}_reason"] = reasons.get(key, f"not a finite number ({value})")
         if self.ctx.is_main:
             self.run_dir.write_summary(summary)
         if self.telemetry is not None:

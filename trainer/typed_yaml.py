@@ -1,15 +1,16 @@
 """Typed dataclass configs from YAML: ``load(cls, path, overrides)``.
 
 Every key is checked at load time: an unknown key is an error that lists the
-valid ones, a value of the wrong type names its dotted key, and a missing
-required key says so. ``--set a.b=value`` overrides are parsed as YAML
-scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
+valid ones, a value of the wrong type (or a NaN or infinite number) names its
+dotted key, and a missing required key says so. ``--set a.b=value`` overrides
+are parsed as YAML scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -109,6 +110,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check (all comparisons are false)
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         for url, report in zip(args.checkpoint, reports):
             telemetry = Telemetry(args.run_id or _run_name(url), pushgateway=args.pushgateway, job=MONITOR_JOB)
             telemetry.record_collapse(report)
+            telemetry.close()  # the push runs on a background thread: wait for it (bounded)
     print(f"wrote {args.output}: {', '.join(names)}")
     print(f"open {join(args.output, 'report.html')}")
 

@@ -70,7 +70,7 @@ def write_report(reports: Sequence[CollapseReport], output: str, overwrite: bool
     figures = render_figures(reports) if plots else {}
     page = render_html(reports, figures)
     written = [JSON_NAME, *figures, HTML_NAME]
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, marker=JSON_NAME, what="collapse report") as tmp:
         fs, path = filesystem(tmp)
         fs.pipe(join(path, JSON_NAME), reports_to_json(reports).encode())
         for name, png in figures.items():

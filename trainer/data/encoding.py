@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trainer.data.raw_formats import RawFormat
-from trainer.data.raw_reader import RawChunk
+from trainer.data.raw_reader import RawChunk, show_bytes
 from trainer.data.schema import OOV_ID, SPLITS
 from trainer.data.splits import TRAIN, assign_splits
 from trainer.data.transforms import criteo_integer_token, log_dense
@@ -77,7 +77,8 @@ def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
         indices = pa.chunked_array([c.indices for c in encoded.chunks], pa.int32()).combine_chunks()
         return indices.fill_null(len(dictionary)).to_numpy(), dictionary
     encoded = pc.dictionary_encode(pa.chunked_array([pa.array(k) for _, k in keys], pa.uint64()))
-    found = encoded.chunk(0).dictionary.to_numpy()
+    # every chunk holds the same, final dictionary; a column all null here may come back with no chunk
+    found = encoded.chunk(0).dictionary.to_numpy() if encoded.num_chunks else np.zeros(0, dtype=np.uint64)
     indices = np.full(len(column), len(found), dtype=np.int32)
     indices[np.concatenate([p for p, _ in keys])] = pa.chunked_array(
         [c.indices for c in encoded.chunks], pa.int32()
@@ -88,10 +89,6 @@ def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
 
 def _bools(array: pa.Array) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8", "replace")
 
 
 def _with_null(dictionary: pa.Array) -> pa.Array:
@@ -193,7 +190,7 @@ class Encoder:
             columns.append(pa.DictionaryArray.from_arrays(pa.array(indices), _with_null(dictionary), safe=False))
         return pa.RecordBatch.from_arrays(columns, schema=self.spill_schema)
 
-    def _row_index(self, parsed: int, rejected: list[tuple[int, int]]) -> np.ndarray:
+    def _row_index(self, parsed: int, rejected: list[tuple[int, str]]) -> np.ndarray:
         """0-based data-row index of each parsed row, counting the rejected rows in between."""
         start = self.rows_read
         skipped = np.array([line - 1 - self.header_lines for line, _ in rejected], dtype=np.int64)
@@ -207,7 +204,7 @@ class Encoder:
         table: pa.Table,
         row_index: np.ndarray,
         bad: np.ndarray,
-        rejected: list[tuple[int, int]],
+        rejected: list[tuple[int, str]],
         label_ok: np.ndarray,
         integers: dict[str, _Integers],
     ) -> None:
@@ -217,8 +214,7 @@ class Encoder:
         wanted = 1 if self.on_bad_rows == "fail" else MAX_BAD_ROW_EXAMPLES - len(self.bad.examples)
         if wanted <= 0:
             return
-        expected = len(self.fmt.columns)
-        found = [(line, f"expected {expected} columns, got {got}") for line, got in rejected[:wanted]]
+        found = list(rejected[:wanted])
         for p in positions[:wanted]:
             line = int(row_index[p]) + 1 + self.header_lines
             found.append((line, self._reason(table, int(p), label_ok, integers)))
@@ -232,11 +228,11 @@ class Encoder:
         if all(not column[p].is_valid for column in table.columns):
             return "empty line"
         if not label_ok[p]:
-            label = _text(table.column(self.fmt.label)[p].as_py())
-            return f"label {label!r} is not 0 or 1" if label is not None else "label is empty"
+            label = table.column(self.fmt.label)[p].as_py()
+            return f"label {show_bytes(label)} is not 0 or 1" if label is not None else "label is empty"
         for name, column in integers.items():
             if not column.row_ok()[p]:
-                return f"{name} {_text(table.column(name)[p].as_py())!r} is not an integer"
+                return f"{name} {show_bytes(table.column(name)[p].as_py())} is not an integer"
         raise AssertionError("row marked bad without a reason")
 
 

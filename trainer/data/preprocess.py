@@ -11,7 +11,9 @@ by the file size:
    (``trainer.data.vocabulary``); the spilled chunks are mapped to ids in a
    background thread while ``DatasetWriter`` writes the splits.
 
-Everything is written inside ``atomic_directory``: a failed run leaves nothing.
+Everything is written inside ``atomic_directory``: a failed run leaves nothing,
+a killed one a temporary the next run removes; ``--overwrite`` only replaces a
+dataset (a directory with ``schema.json``) and never one that holds the input.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from trainer.errors import UserError, run_cli
 from trainer.storage import atomic_directory, filesystem, join, require_exists
 
 _SPILL_FILE = "_spill.arrow"
+SCHEMA_FILE = "schema.json"  # what marks a dataset: --overwrite replaces nothing else
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,9 @@ def preprocess(config: PreprocessConfig) -> DatasetSchema:
     """Turn the raw file ``config.input`` into a prepared dataset at ``config.output``."""
     fmt, min_count, fractions = _check(config)
     require_exists(config.input)
-    with atomic_directory(config.output, overwrite=config.overwrite) as root:
+    with atomic_directory(
+        config.output, overwrite=config.overwrite, marker=SCHEMA_FILE, what="dataset", inputs=[config.input]
+    ) as root:
         spill_url = join(root, _SPILL_FILE)
         encoder = _pass1(config, fmt, fractions, spill_url)
         kept = int(encoder.split_rows.sum())

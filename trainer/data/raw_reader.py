@@ -1,15 +1,26 @@
 """Raw log files -> chunks of binary columns (``RawChunk``), parsed in a background thread.
 
 ``open_raw`` opens a path or fsspec URL (compression by extension),
-``read_chunks`` parses it with pyarrow, noting the file line of every row it
-rejects, and ``prefetch`` runs such a generator ahead of its caller in a thread.
+``read_chunks`` parses it with pyarrow, noting the file line and the reason of
+every row it rejects, and ``prefetch`` runs such a generator ahead of its
+caller in a thread.
+
+A line is what ends in ``\n`` (or ``\r\n``). pyarrow sees the file through
+``_Lines``, which hands it every line unchanged except the few it cannot be
+trusted with: a line that is not UTF-8 text and has the wrong column count
+(pyarrow would fail decoding it for its invalid-row handler), one with a
+carriage return inside (pyarrow would split it in two, shifting every later
+line number) and one longer than half a parse block (pyarrow would stop). Those
+become a one-column line pyarrow rejects, and their reason is kept aside.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import queue
 import threading
+import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
@@ -83,12 +94,180 @@ def open_raw(url: str) -> Iterator[Any]:
         file.close()
 
 
+def show_bytes(value: bytes, limit: int = 40) -> str:
+    """``value`` quoted for a message: text as ``repr`` shows it, other bytes as ``\\xNN``, cut at ``limit`` bytes."""
+    text = value[:limit].decode("utf-8", "surrogateescape")
+    shown = []
+    for c in text:
+        if "\udc80" <= c <= "\udcff":  # a byte that is not UTF-8
+            shown.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c == "'":
+            shown.append("\\'")
+        else:
+            shown.append(repr(c)[1:-1] if c == "\\" or not c.isprintable() else c)
+    more = f"... ({len(value):,} bytes)" if len(value) > limit else ""
+    return "'" + "".join(shown) + "'" + more
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` (a message that may quote raw input) with control characters escaped, cut at ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Lines(io.RawIOBase):
+    """The raw stream as pyarrow should see it: whole lines, the ones it cannot parse safely replaced.
+
+    A replaced line becomes ``MARK<n>``, one column, which pyarrow rejects;
+    ``reason(text)`` gives the reason of a rejected row from its text. Blocks of
+    plain lines (the rule) pass through after a few scans at memory speed.
+    """
+
+    def __init__(self, file: Any, fmt: RawFormat, where: str, max_line: int):
+        self.file, self.fmt, self.where, self.max_line = file, fmt, where, max_line
+        self.expected = len(fmt.columns)
+        self.delimiter = fmt.delimiter.encode()
+        self.mark = f"bad-line-{uuid.uuid4().hex}-"  # one column; no real line is that
+        self._reasons: dict[str, str] = {}  # replacement text -> reason, until pyarrow rejects it
+        self._replaced = 0
+        self._carry = b""  # the unfinished last line read so far
+        self._skipping = False  # inside an over-long line: dropping bytes until its end
+        self._first = True  # the next line is the file's first
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def reason(self, text: str) -> str | None:
+        """Why the line pyarrow rejected with ``text`` was replaced; None for a line it rejected itself."""
+        return self._reasons.pop(text, None) if text.startswith(self.mark) else None
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size is not None and size > 0 else 1 << 20
+        while not self._eof:
+            out = self._fill(size)
+            if out:
+                return out
+        return b""
+
+    def readinto(self, buffer: Any) -> int:  # io.RawIOBase's read() goes through it; pyarrow calls read()
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _fill(self, size: int) -> bytes:
+        data = self.file.read(size)
+        if not data:
+            self._eof = True
+            if self._skipping or not self._carry:
+                return b""
+            data, self._carry = self._carry + b"\n", b""  # the last line had no newline
+            return self._check(data)
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return b""
+            data, self._skipping = data[end + 1 :], False
+        cut = data.rfind(b"\n") + 1
+        if cut:  # the carried start of a line, and whole lines up to the last newline: one copy at most
+            lines = b"".join((self._carry, memoryview(data)[:cut])) if self._carry or cut < len(data) else data
+            out, self._carry = self._check(lines), data[cut:]
+        else:
+            out, self._carry = b"", self._carry + data
+        if len(self._carry) >= self.max_line:  # a line too long to hold: replaced, the rest of it dropped
+            out += self._line(self._carry) + b"\n"
+            self._carry, self._skipping = b"", True
+        return out
+
+    def _check(self, lines: bytes) -> bytes:
+        """Whole lines, passed through when plain (the fast path), else line by line."""
+        if self._plain(lines):
+            self._first = False
+            return lines
+        return b"\n".join(self._line(line) for line in lines[:-1].split(b"\n")) + b"\n"
+
+    def _plain(self, lines: bytes) -> bool:
+        """UTF-8 text, no carriage return but in CRLF, no line longer than ``max_line``."""
+        if not lines.isascii():
+            try:
+                lines.decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        if b"\r" in lines and lines.count(b"\r") != lines.count(b"\r\n"):
+            return False
+        half = self.max_line // 2  # a newline in every aligned half-window: every line is shorter than max_line
+        return all(lines.find(b"\n", k, k + half) >= 0 for k in range(0, len(lines) - half + 1, half))
+
+    def _line(self, line: bytes) -> bytes:
+        """``line`` (without its newline) or, when pyarrow cannot parse it safely, its replacement."""
+        first, self._first = self._first, False
+        reason = self._problem(line)
+        if first and self.fmt.has_header:
+            if reason is None and not _is_text(line):
+                reason = "not UTF-8 text"
+            if reason is not None:
+                raise UserError(
+                    f"{self.where}:1: header is not the {self.fmt.name} layout: {reason}: {show_bytes(line)}"
+                )
+        return line if reason is None else self._replace(reason)
+
+    def _problem(self, line: bytes) -> str | None:
+        if len(line) >= self.max_line:
+            return f"line longer than {self.max_line:,} bytes (binary data?)"
+        content = line[:-1] if line.endswith(b"\r") else line
+        text = _is_text(content)
+        if text and b"\r" not in content:
+            return None
+        columns = self._columns(content)
+        if columns != self.expected:
+            return f"expected {self.expected} columns, got {columns}" + ("" if text else " (not UTF-8 text)")
+        if b"\r" in content:
+            return "carriage return inside the line"
+        return None  # values that are not UTF-8, in the right shape: they are bytes until a vocabulary
+
+    def _columns(self, content: bytes) -> int:
+        """The column count pyarrow finds in ``content``, a line that is not text or holds a carriage return."""
+        if not self.fmt.quoted or b'"' not in content:
+            return content.count(self.delimiter) + 1
+        # ask pyarrow, on a copy with the same structure: bytes that are not UTF-8 (all >= 0x80) -> U+FFFD
+        safe = content.decode("utf-8", "replace").replace("\r", " ").encode()
+        found: list[int] = []
+
+        def on_invalid(row: pacsv.InvalidRow) -> str:
+            found.append(row.actual_columns)
+            return "skip"
+
+        pacsv.read_csv(
+            io.BytesIO(safe + b"\n"),
+            read_options=pacsv.ReadOptions(column_names=[f"c{i}" for i in range(self.expected)], use_threads=False),
+            parse_options=pacsv.ParseOptions(
+                delimiter=self.fmt.delimiter, quote_char='"', ignore_empty_lines=False, invalid_row_handler=on_invalid
+            ),
+            convert_options=pacsv.ConvertOptions(column_types={f"c{i}": pa.binary() for i in range(self.expected)}),
+        )
+        return found[0] if found else self.expected
+
+    def _replace(self, reason: str) -> bytes:
+        text = f"{self.mark}{self._replaced}"
+        self._reasons[text] = reason
+        self._replaced += 1
+        return text.encode()
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @dataclass
 class RawChunk:
     """Parsed rows (every column binary, empty -> null) and the rows pyarrow rejected."""
 
     table: pa.Table  # chunked as parsed: chunks are never concatenated
-    rejected: list[tuple[int, int]]  # (line, number of columns) of rows with the wrong column count
+    rejected: list[tuple[int, str]]  # (line, reason) of the rows rejected before parsing their values
 
 
 def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_rows: int) -> Iterator[RawChunk]:
@@ -98,10 +277,13 @@ def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_ro
     beside the caller through ``prefetch``), so that rejected rows come with
     their line number.
     """
-    rejected: list[tuple[int, int]] = []
+    rejected: list[tuple[int, str]] = []
+    lines = _Lines(file, fmt, where, max_line=block_size // 2)
+    expected = len(fmt.columns)
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        rejected.append((row.number, row.actual_columns))
+        reason = lines.reason(row.text) or f"expected {expected} columns, got {row.actual_columns}"
+        rejected.append((row.number, reason))
         return "skip"
 
     read_options = pacsv.ReadOptions(
@@ -121,12 +303,12 @@ def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_ro
     )
     try:
         reader = pacsv.open_csv(
-            file, read_options=read_options, parse_options=parse_options, convert_options=convert_options
+            lines, read_options=read_options, parse_options=parse_options, convert_options=convert_options
         )
         if fmt.has_header and reader.schema.names != list(fmt.columns):
             raise UserError(
                 f"{where}:1: header is not the {fmt.name} layout: expected "
-                f"{','.join(fmt.columns)}, got {','.join(reader.schema.names)}"
+                f"{','.join(fmt.columns)}, got {clip(','.join(reader.schema.names))}"
             )
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
@@ -141,6 +323,6 @@ def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_ro
     except pa.ArrowInvalid as e:
         if "Empty CSV file" in str(e):
             raise UserError(f"{where}: empty file") from None
-        raise UserError(f"{where}: cannot parse: {e}") from None
+        raise UserError(f"{where}: cannot parse: {clip(str(e))}") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{where}: cannot read ({type(e).__name__}: {e}); truncated or corrupt file?") from None

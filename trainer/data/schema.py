@@ -29,8 +29,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.storage import filesystem, join
 from trainer.errors import UserError
+from trainer.storage import filesystem, join
 
 SPLITS = ("train", "val", "test")
 LABEL_COLUMN = "label"

@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, write_schema
 from trainer.data.splits import assign_splits, parse_split, splitmix64
-from trainer.storage import atomic_directory, atomic_files, filesystem
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError, run_cli
+from trainer.storage import atomic_directory, atomic_files, filesystem
 
 FORMATS = ("parquet", "criteo-tsv")
 ORACLE_SUFFIX = ".oracle.json"  # criteo-tsv: the report beside OUTPUT
@@ -405,7 +405,7 @@ def _write_tsv(config: SyntheticConfig, output: str, overwrite: bool, progress: 
 
 
 def _write_parquet(config: SyntheticConfig, output: str, overwrite: bool, progress: bool) -> dict[str, Any]:
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, marker="schema.json", what="dataset") as tmp:
         model, metrics = PlantedModel(config), OracleMetrics()
         writer = DatasetWriter(tmp)
         for rows, split in _chunks(model, metrics, progress):

@@ -194,7 +194,7 @@ def export_artifact(config: ExportConfig) -> dict[str, Any]:
         "format": runtime.ARTIFACT_FORMAT,
         "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in sorted(files.items())},
     }
-    with atomic_directory(config.output, overwrite=config.overwrite) as tmp:
+    with atomic_directory(config.output, overwrite=config.overwrite, marker=runtime.MANIFEST, what="exported model") as tmp:
         tmp_fs, tmp_path = filesystem(tmp)
         for name, data in files.items():
             if "/" in name:
