@@ -23,6 +23,7 @@ import torch
 
 from bench.machine import describe
 from trainer import checkpoint, dcp_io
+from trainer.cli_help import HelpFormatter, description
 
 
 def _timed(work) -> float:
@@ -32,7 +33,7 @@ def _timed(work) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--gib", type=float, default=1.0, help="checkpoint size in GiB (default 1)")
     p.add_argument("--tables", type=int, default=8, help="tensors it is split into (default 8)")
     args = p.parse_args()

@@ -13,6 +13,7 @@ import sys
 import time
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 
 CLIS = (
     "trainer.main",
@@ -23,11 +24,12 @@ CLIS = (
     "trainer.predict",
     "pipelines.run",
     "pipelines.sweep",
+    "bench",
 )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--repeat", type=int, default=5, help="runs per CLI; the best is printed (default 5)")
     args = p.parse_args()
     print(f"machine: {describe()}")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 from trainer.collapse.analysis import analyze_field, ia_of_singular_values
 from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, clear_baseline_cache, field_gram, random_gram
 
@@ -133,7 +134,7 @@ def gemm_gflops(chunk_rows: int, cols: int, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sets", type=int, default=1)

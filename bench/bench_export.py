@@ -27,6 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 from trainer.data.schema import SparseField
 from trainer.data.synthetic import CRITEO_CARDINALITIES
 from trainer.export.serving_model import ServingModel, export_program
@@ -76,7 +77,7 @@ def time_calls(fn, inputs: list[torch.Tensor], iters: int) -> tuple[float, float
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--cardinality-scale", type=float, default=0.05, help="multiplies the Criteo Kaggle cardinalities")
     p.add_argument("--model", default="dcnv2")
     p.add_argument("--iters", type=int, default=200)

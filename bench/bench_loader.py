@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 from trainer.data.loader import CTRDataLoader, LoaderConfig
 from trainer.data.schema import DatasetSchema, SparseField, write_schema
 from trainer.data.writer import DatasetWriter, make_table
@@ -63,7 +64,7 @@ def run(root: str, config: LoaderConfig, rank: int, world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--no-prefetch", action="store_true", help="read windows in the main thread")

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 from trainer.collapse.toy import interaction_collapse_toy
 from trainer.data.schema import read_schema
 from trainer.data.synthetic import SyntheticConfig, generate
@@ -155,7 +156,7 @@ def se_vs_me(rows: int, epochs: int, latent_dim: int, overrides: list[str], per_
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more trainer overrides for both runs, e.g. optim.embedding=adagrad")

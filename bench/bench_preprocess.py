@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench.machine import describe
+from trainer.cli_help import HelpFormatter, description
 
 _RUN = """
 import json, resource, sys, time
@@ -55,7 +56,7 @@ def _size(path: Path) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--rows", default="1000000,5000000", help="comma-separated row counts (default 1000000,5000000)")
     args = p.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]

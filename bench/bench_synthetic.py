@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.cli_help import HelpFormatter, description
+
 _RUN = """
 import json, resource, sys, time
 from trainer.data.synthetic import SyntheticConfig, generate
@@ -33,7 +35,7 @@ CASES = [("criteo-tsv", "synth.tsv"), ("criteo-tsv", "synth.tsv.gz"), ("parquet"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     args = p.parse_args()
     print(f"{'output':<14} {'rows/s wall':>12} {'rows/s CPU':>12} {'peak MiB':>9}  oracle test AUC (first-order)")

@@ -37,6 +37,8 @@ from torchx.components import dist
 
 # The image built from this repository's Dockerfile (local_cwd ignores it and uses the checkout).
 IMAGE = "ctr-multiembed:latest"
+# the experiment a torchx tracker (torchx.tracker.mlflow) files a run under (trainer/tracking.py)
+TRACKING_EXPERIMENT_ENV = "TORCHX_TRACKING_EXPERIMENT_NAME"
 
 
 def sweep(
@@ -197,7 +199,9 @@ def train(
         h: a registered named resource (takes precedence over cpu, gpu and memMB)
         run_id: the ``run`` label of the exported metrics (default: the run directory's name)
         pushgateway: HOST:PORT of a Prometheus Pushgateway that rank 0 pushes to
-        env: more environment variables (e.g. object-store credentials from a Secret)
+        env: more environment variables (e.g. object-store credentials from a Secret;
+            ``TORCHX_TRACKING_EXPERIMENT_NAME=NAME``: the experiment of a configured torchx tracker,
+            instead of ``experiment_name`` in ``.torchxconfig``)
         max_retries: scheduler retries of the job (each resumes from the latest checkpoint)
         mounts: volumes (see ``torchx.specs.parse_mounts``)
     """
@@ -207,10 +211,17 @@ def train(
     if pushgateway:
         job_env["CTR_PUSHGATEWAY"] = pushgateway
     args = ["--config", config, "--resume", "auto", "--set", f"data.path={data}", f"run.dir={run_dir}", *overrides]
+    experiment = job_env.get(TRACKING_EXPERIMENT_ENV)
     app = dist.ddp(
         *args, script="trainer/main.py", image=image, name="train", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
         env=job_env, max_retries=max_retries, mounts=mounts,
     )
+    # dist.ddp files the run under the experiment "default-experiment", which would override the
+    # experiment_name of .torchxconfig's [tracker:mlflow]: keep only one given with --env
+    for role in app.roles:
+        role.env.pop(TRACKING_EXPERIMENT_ENV, None)
+        if experiment:
+            role.env[TRACKING_EXPERIMENT_ENV] = experiment
     return app
 
 

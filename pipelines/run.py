@@ -37,6 +37,7 @@ from torchx.runner import Runner, get_runner
 
 from pipelines import components
 from trainer import typed_yaml
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import SUMMARY, SUMMARY_TEXT, RunDir
 from trainer.storage import filesystem, join
@@ -286,7 +287,9 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, dryrun: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.run", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--config", required=True, help="the pipeline YAML (see configs/pipelines/)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="override the config's scheduler")
     p.add_argument("--from", dest="start_from", choices=STAGES, help="rerun from this stage (its output and later ones are removed)")

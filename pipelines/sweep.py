@@ -27,7 +27,7 @@ The output directory::
     OUT/cells/<cell id>/   the cell's trainer run directory (summary.json, collapse.jsonl, ...)
     OUT/logs/<cell id>.log the cell's trainer output, every attempt appended
     OUT/results.jsonl      one line per cell with every number
-    OUT/table.md, table.csv   test AUC and logloss, rows model x SE/ME, columns scales
+    OUT/table.md, table.csv   test AUC, logloss and NE, rows model x SE/ME, columns scales
     OUT/auc_vs_scale.png, ia_vs_scale.png
 
 Rerunning is cheap and safe: a cell whose run directory has a complete ``summary.json`` is
@@ -63,6 +63,7 @@ from pipelines.sweep_spec import (
     resolve_cell_config,
     select_cells,
 )
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import RunDir
 
@@ -120,9 +121,9 @@ def collect_records(spec: SweepSpec, cells: list[Cell], output: str, outcomes: d
             "error": outcome.error if outcome and status == "failed" else None,
         }
         if summary is not None:
-            for key in ("test_auc", "test_logloss", "test_calibration", "val_auc", "val_logloss", "best_step", "steps",
-                        "epochs_completed", "stopped_early", "train_examples", "train_seconds", "train_examples_per_sec",
-                        "world_size", "device", "oracle_test_auc", "oracle_test_logloss"):  # fmt: skip
+            for key in ("test_auc", "test_logloss", "test_ne", "test_calibration", "val_auc", "val_logloss", "val_ne",
+                        "best_step", "steps", "epochs_completed", "stopped_early", "train_examples", "train_seconds",
+                        "train_examples_per_sec", "world_size", "device", "oracle_test_auc", "oracle_test_logloss"):  # fmt: skip
                 record[key] = summary.get(key)
             record.update(read_collapse(run_dir, summary.get("best_step")) or {})
         records.append(record)
@@ -206,8 +207,9 @@ def run_sweep(
                         s = RunDir(cell_dir(output, cell)).read_summary() or {}
                         ia = read_collapse(cell_dir(output, cell), s.get("best_step")) or {}
                         log.info(
-                            "[%d/%d] done %s in %s: test AUC %s, logloss %s%s",
+                            "[%d/%d] done %s in %s: test AUC %s, logloss %s, NE %s%s",
                             number, len(pending), cell.id, _duration(outcome.seconds or 0), _num(s["test_auc"]), _num(s["test_logloss"]),
+                            _num(s.get("test_ne")),
                             f", mean IA {ia['mean_ia']:.2f}" if ia.get("mean_ia") is not None else "",
                         )  # fmt: skip
                     else:
@@ -250,7 +252,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.sweep", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--spec", required=True, help="sweep spec YAML (see configs/sweeps/)")
     p.add_argument("--output", help="output directory (default: the spec's output)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

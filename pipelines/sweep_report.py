@@ -4,7 +4,8 @@ From the records of ``pipelines.sweep`` (one per cell), written into the output 
 each file atomically (temporary name, then rename)::
 
     results.jsonl       the records, one line per cell
-    table.md            per dataset: test AUC and test logloss, rows model x SE/ME, columns
+    table.md            per dataset: test AUC, test logloss and test NE (normalized entropy),
+                        one table each, rows model x SE/ME, columns
                         scales, mean ± std over seeds, best per column in bold; the paper's
                         own numbers beside them where the dataset is mapped to one of its
                         datasets; failed cells listed with their logs
@@ -33,6 +34,7 @@ from pipelines.sweep_spec import SweepSpec
 METRICS = {
     "test_auc": ("Test AUC", True),
     "test_logloss": ("Test logloss", False),
+    "test_ne": ("Test NE", False),  # normalized entropy: logloss / entropy of the test split's base rate
 }
 DIGITS = 5
 

@@ -41,8 +41,10 @@ TINY = [
 SUMMARY_KEYS = {
     "val_auc",
     "val_logloss",
+    "val_ne",
     "test_auc",
     "test_logloss",
+    "test_ne",
     "test_calibration",
     "best_step",
     "best_checkpoint",

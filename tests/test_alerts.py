@@ -4,15 +4,19 @@ loopback firing for a collapsed embedding and not for a healthy one."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 import yaml
 
+from tests.demo_collapse import demo_report
 from tests.helpers import ROOT, free_port, ok, train
 from trainer.collapse.gram import field_gram
 from trainer.collapse.analysis import CollapseReport, analyze_field
@@ -43,10 +47,76 @@ def test_prometheusrule_crd_carries_exactly_the_rules_file():
     assert crd["spec"]["groups"] == yaml.safe_load((RULES / "rules.yaml").read_text())["groups"]
 
 
-def _report(table, run: str) -> CollapseReport:
-    """A CollapseReport of one single-set field holding ``table`` (rows, dim)."""
-    field = analyze_field(field_gram([table], field="C1"))
-    return CollapseReport(source="toy", label=run, fields=[field], num_sets=1, dim=table.shape[1])
+def _promtool_series(*reports: CollapseReport) -> list[dict]:
+    """promtool input series: the collapse gauges ``Telemetry`` exports for each report, held
+    for three hours."""
+    series = []
+    for report in reports:
+        telemetry = Telemetry(report.label)
+        telemetry.record_collapse(report)
+        for family in telemetry.registry.collect():
+            for sample in family.samples:
+                if sample.name.startswith("ctr_embedding_") and math.isfinite(sample.value):
+                    labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+                    series.append({"series": f"{sample.name}{{{labels}}}", "values": f"{sample.value!r}x180"})
+    return series
+
+
+def test_the_demo_model_fires_no_alert_and_fires_once_a_large_field_collapses(tmp_path):
+    """``make demo``'s healthy model (12 of its 39 fields with fewer ids than the dimension, a
+    large field at IA ratio 0.24 for its two sets together) fires nothing under the shipped
+    rules; the same report with one large field collapsed and its sets converged fires for
+    that field only: the exported series are the ones the rules read."""
+    broken = demo_report("demo-broken")
+    c3 = broken.get_field("C3")
+    c3.set_ia_normalized[1] = 0.2
+    c3.mean_diversity = 0.01 * c3.random_mean_diversity
+    fired = {
+        "EmbeddingFieldCollapsed": [{
+            "exp_labels": {"severity": "warning", "run": "demo-broken", "field": "C3", "set": "1", "rank_bound": "false"},
+            "exp_annotations": {
+                "summary": "Embedding of field C3 (set 1) collapsed in run demo-broken",
+                "description": "Information abundance is 0.20 of a random table's: the table spans a low-dimensional "
+                               "subspace. Consider multi-embedding (embedding.mode: me).",
+            },
+        }],
+        "EmbeddingSetsConverged": [{
+            "exp_labels": {"severity": "warning", "run": "demo-broken", "field": "C3", "rank_bound": "false"},
+            "exp_annotations": {
+                "summary": "Embedding sets of field C3 became similar in run demo-broken",
+                "description": "Set diversity is 0.010 of random sets' diversity: the multi-embedding sets span the same subspace.",
+            },
+        }],
+    }  # fmt: skip
+    names = [r["alert"] for g in yaml.safe_load((RULES / "rules.yaml").read_text())["groups"] for r in g["rules"]]
+    unit = {
+        "rule_files": [str(RULES / "rules.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": _promtool_series(demo_report("demo"), broken),
+            "alert_rule_test": [{"eval_time": "2h", "alertname": n, "exp_alerts": fired.get(n, [])} for n in names],
+        }],
+    }  # fmt: skip
+    (tmp_path / "demo_test.yaml").write_text(yaml.safe_dump(unit, width=1000))
+    done = subprocess.run(["promtool", "test", "rules", "demo_test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+
+
+def _report(run: str, *tables) -> CollapseReport:
+    """A CollapseReport of one field ``C1`` whose embedding sets are ``tables`` (rows, dim) each."""
+    field = analyze_field(field_gram(list(tables), field="C1"))
+    return CollapseReport(source="toy", label=run, fields=[field], num_sets=len(tables), dim=tables[0].shape[1])
+
+
+def converged_sets(rows: int = 2000, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two embedding sets of a large field that span the same subspace: the second is the
+    first rotated within it, plus noise far below its scale (multi-embedding degenerated into
+    single-embedding). Each set alone is as rich as a random table."""
+    rng = np.random.default_rng(seed)
+    first = rng.uniform(-1, 1, (rows, dim)) / np.sqrt(rows)
+    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return first, first @ rotation + 1e-4 * rng.standard_normal((rows, dim)) / np.sqrt(rows)
 
 
 def _get(url: str) -> dict:
@@ -118,25 +188,74 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _alerts(prometheus: str) -> list[dict]:
+    return _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+
+
+def _series(prometheus: str, query: str) -> list[dict]:
+    return _get(f"{prometheus}/api/v1/query?query={urllib.parse.quote(query)}")["data"]["result"]
+
+
+# The demo's model (DCNv2, multi-embedding 2 sets of dim 10) on the tiny dataset: 18 of its 39
+# fields have fewer ids than the set dimension, like 12 of the demo's.
+DEMO_LIKE = ("embedding.base_dim=10", "train.max_steps=6")
+
+
 @pytest.mark.slow
-def test_alert_fires_for_a_collapsed_embedding_and_not_for_a_healthy_one(prometheus_stack):
+def test_alerts_fire_for_collapsed_embeddings_and_not_for_a_healthy_demo_like_run(prometheus_stack, tiny_dataset, tmp_path):
+    """A trained, healthy demo-like run, small-id fields included, fires nothing; the toys'
+    collapsed table and converged sets fire, and only those."""
     gateway, prometheus = prometheus_stack
+    ok(train(f"data.path={tiny_dataset}", f"run.dir={tmp_path / 'run'}", *DEMO_LIKE,
+             f"monitoring.pushgateway={gateway}", "monitoring.run_id=demo-like"))  # fmt: skip
+    fields = {f["name"]: f["cardinality"] for f in json.loads((tiny_dataset / "schema.json").read_text())["sparse_fields"]}
+    small = {name for name, rows in fields.items() if rows <= 10}  # fewer ids than the dim: diversity 0 by construction
+    assert len(small) >= 10, fields
+    # every field of the healthy run is in Prometheus, the small ones too: its silence means something
+    diversity = _wait_until(lambda: _series(prometheus, 'ctr_embedding_set_diversity{run="demo-like"}'), 30, "the run's gauges")
+    assert {s["metric"]["field"] for s in diversity} == set(fields)
+    assert all(float(s["value"][1]) < 0.05 for s in diversity if s["metric"]["field"] in small)  # what today's raw rule saw
+
     collapsed = interaction_collapse_toy(fixed_rank=1)  # interacted with a rank-1 field
     healthy = interaction_collapse_toy(fixed_rank=None)  # interacted with a full-rank field
-    for run, result in (("toy-collapsed", collapsed), ("toy-healthy", healthy)):
-        Telemetry(run, pushgateway=gateway).record_collapse(_report(result.trained, run))
+    for run, report in (
+        ("demo", demo_report("demo")),  # the figures of `make demo`'s model (tests/data/)
+        ("toy-collapsed", _report("toy-collapsed", collapsed.trained)),
+        ("toy-healthy", _report("toy-healthy", healthy.trained)),
+        ("toy-converged", _report("toy-converged", *converged_sets())),
+    ):
+        Telemetry(run, pushgateway=gateway).record_collapse(report)
+    expected = {("EmbeddingFieldCollapsed", "toy-collapsed", "C1"), ("EmbeddingSetsConverged", "toy-converged", "C1")}
 
-    def firing():
-        alerts = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
-        return [a for a in alerts if a["labels"]["alertname"] == "EmbeddingFieldCollapsed" and a["state"] == "firing"]
+    def toys_firing():
+        got = {(a["labels"]["alertname"], a["labels"]["run"], a["labels"]["field"]) for a in _alerts(prometheus)
+               if a["state"] == "firing" and "field" in a["labels"]}  # fmt: skip
+        return expected <= got
 
-    alerts = _wait_until(firing, 60, "EmbeddingFieldCollapsed to fire")
-    assert {(a["labels"]["run"], a["labels"]["field"]) for a in alerts} == {("toy-collapsed", "C1")}
-    # the healthy run's series is there (so its silence means something): scraped, above the threshold
-    query = "ctr_embedding_information_abundance_ratio"
-    series = _get(f"{prometheus}/api/v1/query?query={query}")["data"]["result"]
-    ratios = {s["metric"]["run"]: float(s["value"][1]) for s in series}
+    _wait_until(toys_firing, 60, "the toys' alerts to fire")
+    time.sleep(3)  # a few more evaluations of everything scraped
+    alerts = _alerts(prometheus)
+    got = {(a["labels"]["alertname"], a["labels"]["run"], a["labels"].get("field")) for a in alerts}
+    healthy = sorted((run, name, field) for name, run, field in got if run in ("demo-like", "demo"))
+    assert not healthy, f"a healthy model fired {healthy}"
+    assert got == expected
+    # the healthy toy's series is there (so its silence means something): scraped, above the threshold
+    ratios = {s["metric"]["run"]: float(s["value"][1]) for s in _series(prometheus, 'ctr_embedding_information_abundance_ratio{set="0"}')}
     assert ratios["toy-healthy"] > 0.25 > ratios["toy-collapsed"]
+
+    # every query of the Grafana dashboard shows these runs (Grafana's multi-value $run is a
+    # regex alternation), but the one that needs an hour of history; the silence panel leaves
+    # out the run that finished (demo-like) and keeps the one that never said so (demo)
+    board = json.loads((ROOT / "deploy" / "grafana" / "ctr-training.json").read_text())
+    expected_runs = {"IA / random, now vs an hour ago": set(), "Silent for (unfinished runs)": {"demo"}}
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$run", "(demo-like|demo)").replace("$field", ".*")
+            shown = {s["metric"].get("run") for s in _series(prometheus, expr)}
+            if panel["title"] in expected_runs:
+                assert shown == expected_runs[panel["title"]], (panel["title"], expr, shown)
+            else:
+                assert shown and shown <= {"demo-like", "demo"}, (panel["title"], target["refId"], expr, shown)
 
 
 def test_unreachable_pushgateway_warns_once_and_never_raises(caplog):

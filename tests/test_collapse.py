@@ -521,7 +521,7 @@ def test_cli_writes_json_plots_and_a_self_contained_html(trained, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["collapse.json", "spectra.png", "ia.png", "diversity.png", "comparison.png", "report.html"]
+        ["collapse.json", "spectra.png", "ia.png", "diversity.png", "comparison.png", "training.png", "report.html"]
     )
     assert not list(tmp_path.glob("report.tmp-*"))  # the temporary directory was renamed away
     data = json.loads((out / "collapse.json").read_text())
@@ -529,11 +529,11 @@ def test_cli_writes_json_plots_and_a_self_contained_html(trained, tmp_path):
     se, me = data["reports"]
     assert se["embedding"]["mode"] == "se" and me["embedding"]["mode"] == "me"
     assert len(me["fields"]) == 39 and me["fields"][0]["overall_spectrum"] and me["summary"]["mean_overall_ia"] > 1
-    for name in ("spectra.png", "ia.png", "diversity.png", "comparison.png"):
+    for name in ("spectra.png", "ia.png", "diversity.png", "comparison.png", "training.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     images = [chunk.split("'")[0] for chunk in page.split("data:image/png;base64,")[1:]]
-    assert len(images) == 4 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     assert "src='http" not in page and "<link" not in page  # self-contained
     assert me["label"] in page and se["label"] in page
 

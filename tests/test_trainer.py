@@ -12,6 +12,7 @@ import json
 import math
 import re
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -33,6 +34,7 @@ from tests.helpers import (
     user_error,
 )
 from trainer.data.loader import CTRDataLoader, LoaderConfig
+from trainer.eval_metrics import base_rate_entropy
 
 # The baseline run: 3 epochs of 19 steps would be 57 steps; it stops at max_steps=45, mid-epoch
 # and between two evaluations (every 10 steps and at epoch ends), checkpointing every 4 steps.
@@ -177,6 +179,13 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     for key in ("val_auc", "test_auc"):
         assert 0.5 < s[key] <= 1.0, f"{key} {s[key]}: the tiny model should beat chance"
     assert 0 < s["test_logloss"] < 0.69, "test logloss should beat a coin flip"
+    entropy = {}
+    for split in ("val", "test"):  # NE: logloss over the entropy of the split's base rate (< 1 beats predicting the CTR)
+        entropy[split] = base_rate_entropy(pq.read_table(tiny_dataset / split, columns=["label"])["label"].to_numpy())
+        assert s[f"{split}_ne"] == pytest.approx(s[f"{split}_logloss"] / entropy[split], rel=1e-9)
+        assert 0 < s[f"{split}_ne"] < 1.2, f"{split} NE {s[f'{split}_ne']}: the tiny model is about as good as the base rate"
+    oracle_ne = schema["recipe"]["oracle"]["test"]["logloss"] / entropy["test"]
+    assert oracle_ne < 1 and oracle_ne <= s["test_ne"] + 0.02, "no model should beat the true click probabilities"
     assert math.isfinite(s["test_calibration"]) and s["test_calibration"] > 0
     assert s["oracle_test_auc"] == pytest.approx(schema["recipe"]["oracle"]["test"]["auc"])
     assert s["oracle_test_auc"] >= s["test_auc"] - 0.02, "no model should beat the true click probabilities"
@@ -184,8 +193,14 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     assert s["train_examples"] == 2 * train_rows + sum(batch_rows[: MAX_STEPS - 2 * steps_per_epoch])
     assert s["train_examples_per_sec"] > 0 and s["train_seconds"] > 0
     assert s["model"] == "dcnv2" and s["embedding"].startswith("me 2x")
-    assert "test AUC" in (run_dir / "summary.txt").read_text()
+    text = (run_dir / "summary.txt").read_text()
+    assert "test AUC" in text and f"test NE       {s['test_ne']:.5f}" in text and f"val NE        {s['val_ne']:.5f}" in text
     assert "test AUC" in proc.stdout, "the summary is printed at the end"
+    # the training log: progress against the run's total steps, elapsed time and ETA
+    progress = re.findall(r"epoch \d+ step (\d+)/(\d+) \(\d+%\)  loss [\d.]+  [\d,]+ ex/s  elapsed \d+:\d\d  ETA (\S+)", proc.stderr)
+    assert progress, f"no progress line with an ETA in the log:\n{proc.stderr[-3000:]}"
+    assert {int(total) for _, total, _ in progress} == {MAX_STEPS}, "the total is train.max_steps (below 3 epochs)"
+    assert progress[-1][0] == str(MAX_STEPS) and progress[-1][2] == "0:00"
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["hidden"] == 16 and config["embedding"]["scale"] == 2
@@ -199,6 +214,7 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     expected_evals = sorted({*range(EVAL_EVERY, MAX_STEPS + 1, EVAL_EVERY), steps_per_epoch, 2 * steps_per_epoch, MAX_STEPS})
     assert [r["step"] for r in vals] == expected_evals, "evaluations every N steps, at epoch ends, and at the final step"
     assert all(r["rows"] == schema["splits"]["val"]["rows"] for r in vals), "every val row is scored"
+    assert all(0 < r["ne"] < 2 for r in vals), "every validation record has its NE"
     best = max(vals, key=lambda r: r["auc"])
     assert s["best_step"] == best["step"] and s["val_auc"] == pytest.approx(best["auc"], abs=1e-9)
 
@@ -220,7 +236,7 @@ def test_one_process_run_writes_a_complete_run_directory(baseline, tiny_dataset)
     for m in range(2):
         for f in fields:
             assert (str(m), f, f"set{m}__{f}") in rows, f"plan.txt lacks set {m} field {f}"
-    assert len(plan.splitlines()) == 2 + 2 * len(fields)
+    assert len(plan.split("\n\n")[0].splitlines()) == 2 + 2 * len(fields)  # our table; the planner's estimates follow
 
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert all(re.fullmatch(r"step-\d{8}", n) for n in names), names

@@ -173,7 +173,11 @@ def test_summary_is_strict_json_with_null_and_a_reason_for_undefined_metrics(sin
     assert s["test_auc"] is None and "single-class test split" in s["test_auc_reason"]
     assert s["test_calibration"] is None and "no positive label in the test split" in s["test_calibration_reason"]
     assert s["test_logloss"] is not None and "test_logloss_reason" not in s
-    assert "test AUC      n/a" in (run_dir / "summary.txt").read_text()
+    for split in ("val", "test"):  # NE divides by the entropy of the base rate, 0 on a single class
+        assert s[f"{split}_ne"] is None and f"single-class {split} split" in s[f"{split}_ne_reason"]
+        assert "NE undefined" in s[f"{split}_ne_reason"]
+    text = (run_dir / "summary.txt").read_text()
+    assert "test AUC      n/a" in text and "test NE       n/a" in text and "val NE        n/a" in text
 
 
 # ---- metrics.jsonl after a crash and a resume ----------------------------------------------------

@@ -14,7 +14,9 @@ here imports torch, so a CLI's ``--help``, the sweep and the pipeline read confi
 cheaply. What a device can run (sharding types, fused optimizers) is checked where the
 device is known: ``trainer.sharding`` and ``trainer.embedding_optim``.
 
-``python -m trainer.main --config FILE --set train.epochs=3`` overrides any key.
+``python -m trainer.main --config FILE --set train.epochs=3`` overrides any key. Every field
+carries one line of documentation, ``field(..., metadata={"doc": ...})``, which
+``python -m trainer.main --help`` lists with the key's type and default (``typed_yaml.keys_help``).
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class EmbeddingConfig:
     """``mode``: ``"se"`` or ``"me"``; ``scale``: the paper's k (1, 2, 3, 4, 10);
     ``base_dim``: the 1x embedding dim (10 in the paper, 50 for NFwFM)."""
 
-    mode: str = "me"
-    scale: int = 1
-    base_dim: int = 10
+    mode: str = field(default="me", metadata={"doc": "se: one embedding set of dim scale*base_dim; me: scale sets of dim base_dim"})
+    scale: int = field(default=1, metadata={"doc": "the paper's k, the embedding size multiplier (paper scales: 1, 2, 3, 4, 10)"})
+    base_dim: int = field(default=10, metadata={"doc": "the 1x embedding dim (10 in the paper, 50 for NFwFM)"})
 
     def __post_init__(self) -> None:
         if self.mode not in EMBEDDING_MODES:
@@ -85,15 +87,15 @@ class ModelConfig:
       self-attention width (divisible by the heads), heads and layers (64, 2, 3).
     """
 
-    name: str = "dcnv2"
-    hidden: int = 400
-    dropout: float = 0.2
-    cross_layers: int = 4
-    cin_layers: tuple[int, ...] = (16, 16)
-    tower_layers: int = 2
-    attention_dim: int = 64
-    attention_heads: int = 2
-    attention_layers: int = 3
+    name: str = field(default="dcnv2", metadata={"doc": "the model: " + ", ".join(MODEL_NAMES)})
+    hidden: int = field(default=400, metadata={"doc": "width of every MLP: per-set projection, shared tail, FinalMLP towers"})
+    dropout: float = field(default=0.2, metadata={"doc": "dropout probability of every MLP, in [0, 1)"})
+    cross_layers: int = field(default=4, metadata={"doc": "dcnv2: depth of the cross net"})
+    cin_layers: tuple[int, ...] = field(default=(16, 16), metadata={"doc": "xdeepfm: the CIN layer sizes"})
+    tower_layers: int = field(default=2, metadata={"doc": "finalmlp: depth of each tower (of width hidden)"})
+    attention_dim: int = field(default=64, metadata={"doc": "autoint: self-attention width (divisible by attention_heads)"})
+    attention_heads: int = field(default=2, metadata={"doc": "autoint: attention heads"})
+    attention_layers: int = field(default=3, metadata={"doc": "autoint: self-attention layers"})
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -132,10 +134,19 @@ class ShardingConfig:
             CUDA, DDR on CPU); None = TorchRec's default topology.
     """
 
-    sharding_types: tuple[str, ...] = ()
-    per_table: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    per_field: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    storage_cap_bytes: int | None = None
+    sharding_types: tuple[str, ...] = field(
+        default=(), metadata={"doc": "the types any table may use ([] = every type the device runs): " + ", ".join(SHARDING_TYPES)}
+    )
+    per_table: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict,
+        metadata={"doc": "table-name pattern (fnmatch, e.g. set*__C1) -> allowed types; the first match wins over the rest"},
+    )
+    per_field: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict, metadata={"doc": "field name -> allowed types for all its sets; wins over sharding_types"}
+    )
+    storage_cap_bytes: int | None = field(
+        default=None, metadata={"doc": "per-rank cap on table memory (HBM on CUDA, DDR on CPU); null = TorchRec's default"}
+    )
 
     def __post_init__(self) -> None:
         for where, types in self._type_lists():
@@ -160,8 +171,8 @@ class ShardingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str  # a prepared dataset directory (path or fsspec URL)
-    shuffle_window_rows: int = 1 << 18
+    path: str = field(metadata={"doc": "a prepared dataset directory (path or fsspec URL)"})
+    shuffle_window_rows: int = field(default=1 << 18, metadata={"doc": "training rows shuffled together (memory vs randomness)"})
 
     def __post_init__(self) -> None:
         if self.shuffle_window_rows < 1:
@@ -170,8 +181,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"  # the run directory: config, plan, metrics, checkpoints, summary
-    device: str = "auto"  # auto = cuda when available, else cpu
+    dir: str = field(default="runs/default", metadata={"doc": "the run directory: config, plan, metrics, checkpoints, summary"})
+    device: str = field(default="auto", metadata={"doc": "auto (cuda when available, else cpu), cpu or cuda"})
 
     def __post_init__(self) -> None:
         if not self.dir.strip():
@@ -182,14 +193,14 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainSection:
-    epochs: int = 10
-    batch_size: int = 2048  # per rank
-    seed: int = 0
-    eval_every_steps: int = 0  # also evaluate every N steps (0: at epoch ends only)
-    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: with evaluations only)
-    patience: int = 3  # evaluations without a better validation AUC before stopping
-    max_steps: int = 0  # stop after this many steps (0: no limit)
-    log_every_steps: int = 50
+    epochs: int = field(default=10, metadata={"doc": "passes over the train split"})
+    batch_size: int = field(default=2048, metadata={"doc": "rows per step on each rank"})
+    seed: int = field(default=0, metadata={"doc": "seed of the model's initialization, the data order and dropout"})
+    eval_every_steps: int = field(default=0, metadata={"doc": "also evaluate every N steps (0: at epoch ends only)"})
+    checkpoint_every_steps: int = field(default=0, metadata={"doc": "also checkpoint every N steps (0: with evaluations only)"})
+    patience: int = field(default=3, metadata={"doc": "evaluations without a better validation AUC before stopping"})
+    max_steps: int = field(default=0, metadata={"doc": "stop after this many steps (0: no limit)"})
+    log_every_steps: int = field(default=50, metadata={"doc": "log loss, throughput and ETA every N steps"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -204,11 +215,15 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    embedding: str = "rowwise_adagrad"  # sgd | adagrad | rowwise_adagrad; adam on CUDA (the paper's)
-    embedding_lr: float = 0.05
-    dense_lr: float = 1e-3  # dense Adam, as the paper
-    weight_decay: float = 1e-6  # dense Adam; the embedding tables too on CUDA (L2 on looked-up rows; CPU kernels have none)
-    eps: float = 1e-8
+    embedding: str = field(
+        default="rowwise_adagrad", metadata={"doc": "fused embedding optimizer: sgd, adagrad, rowwise_adagrad; adam on CUDA (the paper's)"}
+    )
+    embedding_lr: float = field(default=0.05, metadata={"doc": "learning rate of the embedding optimizer"})
+    dense_lr: float = field(default=1e-3, metadata={"doc": "learning rate of the dense Adam (1e-3 as the paper)"})
+    weight_decay: float = field(
+        default=1e-6, metadata={"doc": "dense Adam; the embedding tables too on CUDA (L2 on looked-up rows; CPU kernels have none)"}
+    )
+    eps: float = field(default=1e-8, metadata={"doc": "epsilon of the embedding optimizer (adagrad, rowwise_adagrad, adam)"})
 
     def __post_init__(self) -> None:
         # written so that NaN fails too (every comparison with NaN is false)
@@ -223,11 +238,22 @@ class OptimConfig:
 class MonitoringConfig:
     """Collapse monitoring and metric export (see trainer/telemetry.py for the series)."""
 
-    run_id: str = ""  # the ``run`` label of every series; "" = $CTR_RUN_ID, else the run directory's name
-    pushgateway: str = ""  # host:port of a Prometheus Pushgateway; "" = $CTR_PUSHGATEWAY, else no push
-    metrics_port: int = 0  # also serve /metrics from rank 0 on this port (0 = no)
-    metrics_address: str = "127.0.0.1"  # the IP /metrics binds; 0.0.0.0 = every interface (scraped from outside the pod)
-    collapse_every_steps: int = 0  # IA / set diversity every N steps too (0 = at each evaluation only)
+    run_id: str = field(default="", metadata={"doc": 'the run label of every series; "" = $CTR_RUN_ID, else the run directory\'s name'})
+    pushgateway: str = field(
+        default="", metadata={"doc": 'host:port of a Prometheus Pushgateway; "" = $CTR_PUSHGATEWAY, else no push'}
+    )
+    metrics_port: int = field(default=0, metadata={"doc": "also serve /metrics from rank 0 on this port (0 = no)"})
+    metrics_address: str = field(
+        default="127.0.0.1", metadata={"doc": "the IP /metrics binds; 0.0.0.0 = every interface (scraped from outside the pod)"}
+    )
+    collapse_every_steps: int = field(
+        default=0, metadata={"doc": "IA / set diversity every N steps too (0 = at each evaluation only)"}
+    )
+    tensorboard: bool = field(
+        default=False,
+        metadata={"doc": "write TensorBoard scalars (loss, validation, IA and diversity per field, test) "
+                         "to RUN/tensorboard/ from rank 0 (see trainer/tracking.py)"},
+    )
 
     def __post_init__(self) -> None:
         if self.metrics_port < 0 or self.collapse_every_steps < 0:
@@ -243,14 +269,19 @@ class MonitoringConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: DataConfig
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    data: DataConfig = field(metadata={"doc": "the prepared dataset"})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "where the run directory goes, which device"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the interaction tower and its MLPs"})
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig, metadata={"doc": "SE/ME, scale, base dim"})
+    train: TrainSection = field(
+        default_factory=TrainSection,
+        metadata={"doc": "epochs, batch size, seed, evaluation / checkpoint cadence, early stopping"},
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "the fused embedding optimizer and the dense Adam"})
+    sharding: ShardingConfig = field(default_factory=ShardingConfig, metadata={"doc": "constraints on TorchRec's sharding plan"})
+    monitoring: MonitoringConfig = field(
+        default_factory=MonitoringConfig, metadata={"doc": "collapse monitoring cadence, Prometheus export"}
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

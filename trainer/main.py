@@ -1,9 +1,10 @@
 """Train a multi-embedding CTR model: ``python -m trainer.main --config FILE [--set key=value ...]``.
 
-The same file runs as a script for torchx and torchrun::
+The same file runs as a script for torchx and torchrun (from the repository root, with
+.venv/bin on PATH; ``runs/demo/dataset`` is the dataset ``make demo`` prepared)::
 
-    torchx run -s local_cwd dist.ddp -j 1x2 --script trainer/main.py -- --config configs/synthetic_dcnv2_me.yaml
-    torchrun --nproc-per-node 2 trainer/main.py --config ...
+    torchx run -s local_cwd dist.ddp -j 1x2 --script trainer/main.py -- --config configs/synthetic_me.yaml --set data.path=runs/demo/dataset
+    torchrun --standalone --nproc-per-node 2 trainer/main.py --config configs/synthetic_me.yaml --set data.path=runs/demo/dataset
 
 ``--resume auto`` (the default) continues from the run directory's latest
 complete checkpoint, so a job restarted by torchx/torchrun picks up where it
@@ -26,9 +27,11 @@ import warnings
 from typing import TYPE_CHECKING
 
 from trainer import checkpoint
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
-from trainer.job_config import load_config
+from trainer.job_config import TrainConfig, load_config
 from trainer.run_dir import RunDir, format_summary
+from trainer.typed_yaml import keys_help
 
 if TYPE_CHECKING:
     from trainer.train import Trainer
@@ -37,8 +40,14 @@ log = logging.getLogger("trainer")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p = argparse.ArgumentParser(
+        prog="trainer.main",
+        description=description(__doc__),
+        epilog="config keys (YAML sections; any key can be given with --set section.key=value):\n\n"
+        + keys_help(TrainConfig),
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config (see configs/); without one, every key but data.path has its default")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -48,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="override config keys: --set train.epochs=3 embedding.mode=se (torchx forbids repeating a flag)",
     )
-    p.add_argument("--resume", default="auto", help="auto (default) | never | a checkpoint path")
+    p.add_argument(
+        "--resume", default="auto", metavar="auto|never|PATH",
+        help="auto: continue from the run directory's latest checkpoint; never: refuse one that has checkpoints; "
+        "PATH: start from that checkpoint",
+    )  # fmt: skip
     args = p.parse_args(argv)
     _quiet_libraries()
     config = load_config(args.config, args.overrides)
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     run_dir.check_writable()
     # torch, torchrec and fbgemm load only now: --help and a refused config answer at once
     from trainer.dist_context import init_distributed, on_rank0, shutdown
+    from trainer.plan_table import with_planner_stats
+    from trainer.sharding import capture_planner_stats
     from trainer.train import Trainer
 
     ctx = init_distributed(config.run.device)
@@ -65,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         existing = checkpoint.list_checkpoints(run_dir.checkpoints)
         if args.resume == "never" and existing:
             raise UserError(f"{run_dir.url} already has checkpoints ({existing[-1].url}); use --resume auto or another run.dir")
-        trainer = Trainer(config, ctx, run_dir)
+        with capture_planner_stats() as planner_stats:  # TorchRec's estimates, for plan.txt (rank 0 plans)
+            trainer = Trainer(config, ctx, run_dir)
         if args.resume not in ("auto", "never"):
             trainer.restore(args.resume)
         elif args.resume == "auto" and existing:
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_dir.create()
                 run_dir.drop_records_after(trainer.progress.step)  # a resumed run trains (and logs) the later steps again
                 run_dir.write_config(config)
-                run_dir.write_plan(trainer.plan_text)
+                run_dir.write_plan(with_planner_stats(trainer.plan_text, planner_stats))
             except OSError as e:  # e.g. a denied write on an object store (check_writable covers local paths)
                 raise UserError(f"cannot write the run directory {run_dir.url}: {e}") from None
 
@@ -92,14 +108,35 @@ def main(argv: list[str] | None = None) -> None:
 
 def _quiet_libraries() -> None:
     """TorchRec and FBGEMM log notes meant for their developers at WARNING on every rank
-    (data-parallel caching, deprecations): keep our own log readable."""
+    (data-parallel caching, sharding-spec lookups): keep our own log readable. Their Python
+    warnings (deprecations, FutureWarning, UserWarning) are worth seeing: rank 0 shows each
+    distinct one once per run, the other ranks none (the rank is known from torchrun's
+    ``RANK`` before the process group exists)."""
     for name in ("torchrec", "fbgemm_gpu", "torch.fx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:  # torchrec also logs through the root logger
         handler.addFilter(lambda r: r.levelno >= logging.ERROR or not any(lib in r.pathname for lib in ("/torchrec/", "/fbgemm_gpu/")))
-    for module in ("torchrec", "fbgemm_gpu", "torch"):
+    rank0 = os.environ.get("RANK", "0") == "0"
+    for module in ("torchrec", "fbgemm_gpu", "torch"):  # a prefix: "torch" also matches torch.distributed...
         for category in (DeprecationWarning, FutureWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category, module=module)
+            warnings.filterwarnings("once" if rank0 else "ignore", category=category, module=module)
+    if rank0:
+        _show_each_warning_once()
+
+
+def _show_each_warning_once() -> None:
+    """Show each distinct warning (category and text) once per process. Python's "once" forgets
+    what it showed whenever the warning filters change, and torch changes them all the time
+    (``warnings.catch_warnings`` around its own calls): the same deprecation would reappear."""
+    show, seen = warnings.showwarning, set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
 
 
 def _fault_injection(trainer: Trainer) -> None:

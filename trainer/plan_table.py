@@ -1,4 +1,5 @@
-"""The sharding plan for people: where each set of each field lives (``RUN/plan.txt``)."""
+"""The sharding plan for people (``RUN/plan.txt``): where each set of each field lives
+(``render_plan``), followed by TorchRec's planner estimates (``with_planner_stats``)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,15 @@ def render_plan(plan: ShardingPlan, tables: Sequence[TableInfo], world_size: int
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
+
+
+PLANNER_STATS_HEADING = "TorchRec planner estimates (torchrec.distributed.planner.stats.EmbeddingStats)"
+
+
+def with_planner_stats(plan_text: str, stats_lines: Sequence[str]) -> str:
+    """``plan_text`` (``render_plan``'s table) followed, after a blank line, by the stats table
+    the planner logged (``trainer.sharding.capture_planner_stats``); unchanged without one."""
+    if not stats_lines:
+        return plan_text
+    note = "(estimates; on CPU the tables live in DDR: the HBM column stays 0)"
+    return f"{plan_text}\n{PLANNER_STATS_HEADING}\n{note}\n" + "\n".join(stats_lines) + "\n"

@@ -15,13 +15,16 @@ import argparse
 import logging
 import time
 
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 
 log = logging.getLogger("trainer.predict")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.predict", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--artifact", required=True, help="an artifact directory written by trainer.export")
     p.add_argument("--input", required=True, help="raw rows to score")
     p.add_argument("--output", required=True, help="the CSV of probabilities to write")

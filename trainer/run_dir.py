@@ -8,6 +8,8 @@
     RUN/summary.json     the outcome (strict JSON: an undefined metric is null, and
                          ``<key>_reason`` says why); RUN/summary.txt the same for people
     RUN/test_predictions.parquet  logit and label of every test row (split order), best checkpoint
+    RUN/report.html      the run at a glance (``trainer.run_report``): summary, config, plan and
+                         the training curves, self-contained; the curves also as RUN/curves_*.png
 
 ``RunDir`` owns this layout both ways: the trainer writes through it (rank 0, each file
 under a temporary name and renamed; the JSONL files are appended, and cut back to the
@@ -42,6 +44,7 @@ CHECKPOINTS = checkpoint.RUN_CHECKPOINTS
 SUMMARY = "summary.json"
 SUMMARY_TEXT = "summary.txt"
 TEST_PREDICTIONS = "test_predictions.parquet"
+REPORT = "report.html"
 # keys every finished run's summary.json has (a summary without them is not one of ours)
 SUMMARY_KEYS = ("test_auc", "test_logloss", "val_auc", "best_step")
 
@@ -95,6 +98,18 @@ class RunDir:
         with self.fs.open(target + ".tmp", "w") as f:
             f.write(text)
         self.fs.mv(target + ".tmp", target)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically (temporary name, then rename), e.g. a PNG of the run report."""
+        target = join(self.path, name)
+        with self.fs.open(target + ".tmp", "wb") as f:
+            f.write(data)
+        self.fs.mv(target + ".tmp", target)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` when it exists (e.g. a report curve that has no records any more)."""
+        if self.exists(name):
+            self.fs.rm(join(self.path, name))
 
     def write_config(self, config: Any) -> None:
         self.write_text(CONFIG, yaml.safe_dump(typed_yaml.to_dict(config), sort_keys=False))
@@ -170,13 +185,16 @@ class RunDir:
         """The ``metrics.jsonl`` records (lines cut by a killed run are skipped)."""
         return _jsonl_records(self.read_text(METRICS))
 
+    def read_collapse_records(self) -> list[dict[str, Any]]:
+        """Every usable ``collapse.jsonl`` record (one per measurement, with per-field values),
+        in file order; lines cut by a killed run are skipped. Empty without the file."""
+        return [r for r in _jsonl_records(self.read_text(COLLAPSE)) if isinstance(r.get("fields"), dict) and r["fields"]]
+
     def read_collapse_record(self, step: int | None = None) -> dict[str, Any] | None:
         """The ``collapse.jsonl`` record at ``step`` (e.g. the best checkpoint's, whose test
         metrics a summary reports) when there is one, else the last; lines cut by a killed
         run are skipped. None when the run has no usable record."""
-        records = [
-            r for r in _jsonl_records(self.read_text(COLLAPSE)) if isinstance(r.get("fields"), dict) and r["fields"]
-        ]
+        records = self.read_collapse_records()
         if not records:
             return None
         return next((r for r in reversed(records) if r.get("step") == step), records[-1])
@@ -227,12 +245,14 @@ def format_summary(s: dict[str, Any], run_url: str) -> str:
         "",
         f"test AUC      {num(s['test_auc'])}   (oracle {num(s['oracle_test_auc'])})",
         f"test logloss  {num(s['test_logloss'])}   (oracle {num(s['oracle_test_logloss'])})",
+        f"test NE       {num(s.get('test_ne'))}   (logloss / entropy of the base rate; < 1 beats predicting the CTR)",
         f"val AUC       {num(s['val_auc'])}   at step {s['best_step']} (best checkpoint)",
+        f"val NE        {num(s.get('val_ne'))}",
         "",
         f"{s['steps']} steps, {s['epochs_completed']} epoch(s) completed"
         + (", stopped early (patience)" if s["stopped_early"] else ""),
         f"{s['train_examples']:,} training examples at {num(s['train_examples_per_sec'], ',.0f')} examples/s",
         "",
-        f"run directory: {run_url}  ({CONFIG}, {PLAN}, {METRICS}, {CHECKPOINTS}/, {SUMMARY})",
+        f"run directory: {run_url}  ({REPORT}, {CONFIG}, {PLAN}, {METRICS}, {CHECKPOINTS}/, {SUMMARY})",
     ]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,9 @@ under the constraints of a ``ShardingConfig``. Typical use, on every rank::
     apply_embedding_optimizer(model, emb_opt)
     plan = plan_sharding(model, sharding_config, world_size, device, pg=pg)
     print(render_plan(plan, model.sparse_arch.tables, world_size))      # trainer.plan_table
+
+The planner's own estimates (per-rank memory and perf, TorchRec's ``EmbeddingStats`` table)
+are logged by TorchRec; ``capture_planner_stats()`` collects them instead, for ``plan.txt``.
     sharded = shard_model(model, plan, device, pg)
     optimizer = combined_optimizer(sharded, emb_opt, lambda params: torch.optim.Adam(params, lr=1e-3))
 
@@ -27,7 +30,9 @@ DDP parameters (``trainer.embedding_optim.combined_optimizer`` steps them row-sp
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import logging
 from typing import Iterator, Sequence
 
 import torch
@@ -105,6 +110,41 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
     its weight decay applies: L2 on the looked-up rows (FBGEMM's default, ``NONE``, would
     silently ignore it)."""
     return [EmbeddingBagCollectionSharder(fused_params={"weight_decay_mode": WeightDecayMode.L2})]
+
+
+# the logger TorchRec's EmbeddingStats writes its table to, one INFO record per line
+PLANNER_STATS_LOGGER = "torchrec.distributed.planner.stats"
+
+
+class _LineCollector(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def capture_planner_stats() -> Iterator[list[str]]:
+    """Collect, in the yielded list, the lines of the stats table TorchRec's planner logs while
+    the block plans (``EmbeddingStats``: per-rank HBM/DDR and perf estimates, inputs, outputs,
+    shards per sharding type, kernels), instead of logging them: whatever level the
+    ``torchrec`` loggers are set to, and without reaching the console. Only a rank that plans
+    collects anything (with a process group, rank 0)."""
+    lines: list[str] = []
+    logger = logging.getLogger(PLANNER_STATS_LOGGER)
+    handler = _LineCollector(lines)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def plan_sharding(

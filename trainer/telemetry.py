@@ -11,11 +11,19 @@ otherwise). Names follow Prometheus conventions (base units, ``_total`` for coun
     ctr_train_examples_per_second{run}                    throughput of the last log window
     ctr_train_step{run}                                   optimizer steps so far
     ctr_validation_auc{run} / ctr_validation_logloss{run} the latest evaluation
+    ctr_validation_ne{run}                                       its normalized entropy (logloss / entropy of the base rate)
     ctr_embedding_information_abundance{run,field,set}    IA; set="all" is the concatenation of a field's sets
-    ctr_embedding_information_abundance_ratio{run,field,set}  IA / IA of a random table of the same shape
+    ctr_embedding_information_abundance_ratio{run,field,set,rank_bound}  IA / IA of a random table of the same shape
     ctr_embedding_set_diversity{run,field}                mean (1 - mean cosine of principal angles) over set pairs
+    ctr_embedding_set_diversity_ratio{run,field,rank_bound}  diversity / diversity of the same sets of that random table
+                                                          (absent where undefined: a field of at most K ids, whose sets
+                                                          all span R^ids, so its diversity is 0 whatever training does)
     ctr_last_success_timestamp_seconds{run}               when this run last reported successfully
     ctr_run_finished_timestamp_seconds{run}               when the run finished (absent while it trains)
+
+``rank_bound="true"`` marks a ratio whose table has fewer rows (ids) than columns (a set:
+fewer than K; set="all": fewer than M*K; two compared sets: fewer than 2K): the id count,
+not training, caps its rank, and the alert rules skip it (deploy/prometheus/rules.yaml).
 
 Training never waits on the Pushgateway: each report queues a snapshot for a background
 thread that pushes with a ``PUSH_TIMEOUT_S`` timeout; at most ``QUEUE_SIZE`` wait (a new
@@ -57,6 +65,10 @@ class Telemetry:
         self.step = Gauge("ctr_train_step", "Optimizer steps so far", run, registry=r)
         self.val_auc = Gauge("ctr_validation_auc", "Validation AUC of the latest evaluation", run, registry=r)
         self.val_logloss = Gauge("ctr_validation_logloss", "Validation logloss of the latest evaluation", run, registry=r)
+        self.val_ne = Gauge(
+            "ctr_validation_ne", "Validation normalized entropy (logloss / entropy of the base rate) of the latest evaluation",
+            run, registry=r,
+        )  # fmt: skip
         field_set = ["run", "field", "set"]
         self.ia = Gauge(
             "ctr_embedding_information_abundance",
@@ -66,12 +78,20 @@ class Telemetry:
         )
         self.ia_ratio = Gauge(
             "ctr_embedding_information_abundance_ratio",
-            "Information abundance relative to a random table of the same shape (1 = as rich as random)",
-            field_set,
+            "Information abundance relative to a random table of the same shape (1 = as rich as random); "
+            'rank_bound="true": the table has fewer rows (ids) than columns, so the id count caps its rank',
+            [*field_set, "rank_bound"],
             registry=r,
         )
         self.diversity = Gauge(
             "ctr_embedding_set_diversity", "Mean diversity (1 - similarity) of a field's embedding sets", ["run", "field"], registry=r
+        )
+        self.diversity_ratio = Gauge(
+            "ctr_embedding_set_diversity_ratio",
+            "Set diversity relative to the same sets of a random table of the same shape (1 = as diverse as random); "
+            'rank_bound="true": fewer ids than two sets have columns, so some directions are shared whatever training does',
+            ["run", "field", "rank_bound"],
+            registry=r,
         )
         self.last_success = Gauge(
             "ctr_last_success_timestamp_seconds", "Unix time of the run's last successful report", run, registry=r
@@ -105,9 +125,10 @@ class Telemetry:
         self.throughput.labels(self.run_id).set(examples_per_second)
         self._report()
 
-    def record_validation(self, auc: float, logloss: float) -> None:
+    def record_validation(self, auc: float, logloss: float, ne: float = math.nan) -> None:
         self.val_auc.labels(self.run_id).set(auc)
         self.val_logloss.labels(self.run_id).set(logloss)
+        self.val_ne.labels(self.run_id).set(ne)
         self._report()
 
     def record_collapse(self, report: Any) -> None:
@@ -115,12 +136,14 @@ class Telemetry:
         for f in report.fields:
             for s, (ia, ratio) in enumerate(zip(f.set_ia, f.set_ia_normalized)):
                 self.ia.labels(self.run_id, f.field, str(s)).set(ia)
-                self.ia_ratio.labels(self.run_id, f.field, str(s)).set(ratio)
+                self.ia_ratio.labels(self.run_id, f.field, str(s), _flag(f.set_rank_bound)).set(ratio)
             if f.overall_ia is not None:
                 self.ia.labels(self.run_id, f.field, "all").set(f.overall_ia)
-                self.ia_ratio.labels(self.run_id, f.field, "all").set(f.overall_ia_normalized)
+                self.ia_ratio.labels(self.run_id, f.field, "all", _flag(f.overall_rank_bound)).set(f.overall_ia_normalized)
             if f.mean_diversity is not None and not math.isnan(f.mean_diversity):
                 self.diversity.labels(self.run_id, f.field).set(f.mean_diversity)
+            if not math.isnan(f.mean_diversity_normalized):
+                self.diversity_ratio.labels(self.run_id, f.field, _flag(f.diversity_rank_bound)).set(f.mean_diversity_normalized)
         self._report()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
@@ -138,6 +161,10 @@ class Telemetry:
         self.last_success.labels(self.run_id).set(time.time())
         if self._pusher is not None:
             self._pusher.submit(_Snapshot(self.registry))
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
 
 
 class _Snapshot(Collector):

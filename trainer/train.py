@@ -43,6 +43,7 @@ from trainer.sharding import plan_sharding, shard_model
 from trainer.storage import filesystem
 from trainer.table_layout import SPARSE_ARCH_PREFIX
 from trainer.telemetry import Telemetry
+from trainer.tracking import RunTracking
 
 log = logging.getLogger("trainer")
 
@@ -96,6 +97,7 @@ class Trainer:
         self.identity = model_identity(config, self.schema)
         self.progress = Progress(world_size=ctx.world_size, batch_size=config.train.batch_size)
         self._last_collapse_step = -1
+        self._clock: _TrainClock | None = None  # set by fit(): progress against the run's total steps
         m = config.monitoring
         self.run_id = m.run_id or os.environ.get("CTR_RUN_ID") or run_dir.name
         self.telemetry = (
@@ -104,6 +106,8 @@ class Trainer:
             if ctx.is_main
             else None
         )
+        # TensorBoard and torchx trackers (MLflow): built on every rank, as a tracker's set-up may be collective
+        self.tracking = RunTracking(m, run_dir, self.run_id, ctx.is_main)
         self._build()
 
     # ---- construction -----------------------------------------------------------------
@@ -295,7 +299,10 @@ class Trainer:
 
     def fit(self) -> None:
         t, p = self.config.train, self.progress
+        self.tracking.start(self.config, p.step)  # rank 0: params; TensorBoard hides a crashed attempt's steps after p.step
         steps_per_epoch = len(self.train_loader)
+        total = t.epochs * steps_per_epoch
+        self._clock = _TrainClock(start_step=p.step, total_steps=min(total, t.max_steps) if t.max_steps else total)
         if self.ctx.is_main:
             log.info(
                 "training: %d epochs x %d steps, batch %d per rank x %d ranks",
@@ -379,14 +386,17 @@ class Trainer:
             self.telemetry.record_train(p.step, record["loss"], int(rows), record["examples_per_sec"])
         if self.ctx.is_main:
             self.run_dir.append_metrics(record)
+            self.tracking.record_train(record)
+            clock = self._clock or _TrainClock(start_step=p.step, total_steps=p.step)
             log.info(
-                "epoch %d step %d (%d/%d)  loss %.4f  %s examples/s",
+                "epoch %d step %d/%d (%d%%)  loss %.4f  %s ex/s  %s",
                 p.epoch,
                 p.step,
-                p.step_in_epoch,
-                len(self.train_loader),
+                clock.total_steps,
+                100 * p.step // max(clock.total_steps, 1),
                 record["loss"],
                 f"{record['examples_per_sec']:,.0f}",
+                clock.describe(p.step),
             )
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -433,14 +443,17 @@ class Trainer:
         else:
             p.evals_without_improvement += 1
         if self.telemetry:
-            self.telemetry.record_validation(metrics["auc"], metrics["logloss"])
+            self.telemetry.record_validation(metrics["auc"], metrics["logloss"], metrics["ne"])
         if self.ctx.is_main:
-            self.run_dir.append_metrics({"kind": "val", "step": p.step, "epoch": p.epoch, **metrics, "time": time.time()})
+            record = {"kind": "val", "step": p.step, "epoch": p.epoch, **metrics, "time": time.time()}
+            self.run_dir.append_metrics(record)
+            self.tracking.record_validation(record)
             log.info(
-                "validation at step %d: AUC %.5f logloss %.5f (%s)",
+                "validation at step %d: AUC %.5f logloss %.5f NE %.5f (%s)",
                 p.step,
                 metrics["auc"],
                 metrics["logloss"],
+                metrics["ne"],
                 "best so far" if improved else f"no better for {p.evals_without_improvement} evaluation(s)",
             )
 
@@ -476,6 +489,7 @@ class Trainer:
             },
         }
         self.run_dir.append_collapse(record)
+        self.tracking.record_collapse(record)
         if self.telemetry:
             self.telemetry.record_collapse(report)
         ratios = {f.field: float(np.mean(f.set_ia_normalized)) for f in report.fields}
@@ -513,8 +527,10 @@ class Trainer:
         summary = {
             "val_auc": val["auc"],
             "val_logloss": val["logloss"],
+            "val_ne": val["ne"],
             "test_auc": test["auc"],
             "test_logloss": test["logloss"],
+            "test_ne": test["ne"],
             "test_calibration": test["calibration"],
             "best_step": p.best_step,
             "best_checkpoint": best,
@@ -545,9 +561,38 @@ class Trainer:
                 summary[f"{key}_reason"] = reasons.get(key, f"not a finite number ({value})")
         if self.ctx.is_main:
             self.run_dir.write_summary(summary)
+            self.tracking.finish(summary)
         if self.telemetry is not None:
             self.telemetry.record_finished()
+        if self.ctx.is_main:
+            from trainer.run_report import write_run_report  # matplotlib loads only when it draws
+
+            write_run_report(self.run_dir)  # the curves and report.html, from the files just written
         return summary
+
+
+@dataclass
+class _TrainClock:
+    """Wall-clock progress of this process's part of a run (evaluations and checkpoints
+    included, as they recur), for the training log's elapsed time and ETA."""
+
+    start_step: int  # the step fit() started at (a resumed run's checkpoint step)
+    total_steps: int  # where the run ends at the latest: epochs x steps per epoch, or train.max_steps
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def describe(self, step: int) -> str:
+        """``elapsed M:SS  ETA M:SS`` at ``step`` (ETA at this process's pace so far; early stopping can end sooner)."""
+        elapsed = time.perf_counter() - self.started
+        done, left = step - self.start_step, max(self.total_steps - step, 0)
+        eta = _clock_time(elapsed / done * left) if done > 0 else "?"
+        return f"elapsed {_clock_time(elapsed)}  ETA {eta}"
+
+
+def _clock_time(seconds: float) -> str:
+    """``M:SS``, or ``H:MM:SS`` from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _describe(identity: dict[str, Any] | None) -> str:

@@ -4,15 +4,20 @@ Every key is checked at load time: an unknown key is an error that lists the
 valid ones, a value of the wrong type (or a NaN or infinite number) names its
 dotted key, and a missing required key says so. ``--set a.b=value`` overrides
 are parsed as YAML scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
+Every field documents itself in one line (``metadata={"doc": ...}``): ``keys_help(cls)``
+lists the keys with their types and defaults for a CLI's ``--help``.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
 import math
+import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,3 +128,90 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data (for ``config.yaml`` in a run directory)."""
     return dataclasses.asdict(config)
+
+
+# ---- documentation ----------------------------------------------------------------------
+# Every field of a config dataclass carries one line of documentation as
+# ``field(..., metadata={"doc": "..."})``; ``describe`` lists them for a CLI's --help.
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key, or a section (``is_section``: a nested dataclass, listed before its keys)."""
+
+    key: str  # dotted, e.g. "train.epochs"
+    type: str  # e.g. "int", "list of int", "int or null"
+    default: str | None  # as YAML would write it; None: required
+    doc: str
+    is_section: bool = False
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """A dataclass field's one line of documentation (``metadata={"doc": ...}``); "" without one."""
+    return str(f.metadata.get("doc", ""))
+
+
+def describe(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every key of config dataclass ``cls`` in declaration order, a section before its keys."""
+    hints = typing.get_type_hints(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.append(KeyDoc(key, "section", None, field_doc(f), is_section=True))
+            out += describe(tp, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: str | None = format_value(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = format_value(f.default_factory())
+        else:
+            default = None
+        out.append(KeyDoc(key, type_name(tp), default, field_doc(f)))
+    return out
+
+
+def type_name(tp: Any) -> str:
+    """A type as a config author reads it: ``tuple[int, ...]`` -> "list of int"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return " | ".join(format_value(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin in (dict, collections.abc.Mapping):
+        return f"mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def format_value(value: Any) -> str:
+    """A default as it would be written in YAML or ``--set``: true, null, [16, 16], {}, ""."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value.strip() == value and value and not set(value) & set(",:[]{}#") else json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def keys_help(cls: type, width: int = 100) -> str:
+    """The keys of ``cls`` for a CLI's help epilog, grouped by section, one key a paragraph:
+    ``  train.epochs (int, default 10): how many passes over the train split``."""
+    lines: list[str] = []
+    for k in describe(cls):
+        if k.is_section:
+            lines += ["", f"{k.key}: {k.doc}" if k.doc else f"{k.key}:"]
+            continue
+        head = f"  {k.key} ({k.type}, " + ("required" if k.default is None else f"default {k.default}") + "):"
+        lines.append(textwrap.fill(k.doc or "", width, initial_indent=head + " ", subsequent_indent=" " * 6,
+                                   break_long_words=False, break_on_hyphens=False) if k.doc else head)  # fmt: skip
+    return "\n".join(lines).strip("\n") + "\n"

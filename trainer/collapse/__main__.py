@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import RunDir
 from trainer.storage import filesystem, join
@@ -22,7 +23,9 @@ log = logging.getLogger("trainer.collapse")
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's parser (also used by tests/test_deploy.py to check the Kubernetes CronJob's flags)."""
-    p = argparse.ArgumentParser(prog="python -m trainer.collapse", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.collapse", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--checkpoint", action="append", required=True, metavar="PATH_OR_URL",
                    help="a checkpoint dir, or a run dir (its latest checkpoint); repeat to compare models")
     p.add_argument("--output", required=True, metavar="PATH_OR_URL", help="the report directory to write")

@@ -20,7 +20,11 @@ for orthogonal ones).
 
 The baseline of every IA is the IA of a random table of the same shape drawn as the
 model initialises its tables (``trainer.collapse.gram.random_gram``, exact and cached per
-shape); normalised IA = IA / baseline IA.
+shape); normalised IA = IA / baseline IA. Diversity has the same baseline: the diversity of
+the same column groups of that random table (``random_mean_diversity``), and normalised
+diversity = diversity / baseline diversity. Both baselines share the table's shape, so a
+table with fewer ids than columns is compared with a random table capped the same way;
+``FieldCollapse.*_rank_bound`` say where that cap, not training, sets the figure.
 """
 
 from __future__ import annotations
@@ -176,6 +180,52 @@ class FieldCollapse:
     @property
     def mean_set_ia_normalized(self) -> float:
         return _mean(self.set_ia_normalized)
+
+    # ---- against the random table of the same shape, and where the id count caps the rank
+
+    @property
+    def diversity_group_width(self) -> int | None:
+        """Columns of each compared group: a set's ``dim``, or ``dim / groups`` for column
+        groups (G groups make G(G-1)/2 pairs); None without pairs."""
+        if self.diversity_groups == "sets":
+            return self.dim
+        if self.diversity_groups == "column_groups" and self.pairs:
+            groups = round((1 + math.sqrt(1 + 8 * len(self.pairs))) / 2)
+            return self.dim // groups
+        return None
+
+    @property
+    def mean_diversity_normalized(self) -> float:
+        """Mean diversity / mean diversity of the same groups of the random table of the same
+        shape (the table the IA baseline is drawn from): 1 = as different as random sets.
+
+        NaN where it is undefined: no pairs, or a table of at most ``diversity_group_width``
+        rows, where any two full-rank groups span all of R^rows and diversity is 0 whatever
+        training does (the random table's too)."""
+        width = self.diversity_group_width
+        random = self.random_mean_diversity
+        if self.mean_diversity is None or random is None or width is None or self.rows <= width:
+            return math.nan
+        return _ratio(self.mean_diversity, random)
+
+    @property
+    def set_rank_bound(self) -> bool:
+        """A set has fewer rows than columns: its rank (and its random baseline's) is capped
+        by the id count, not by training."""
+        return self.rows < self.dim
+
+    @property
+    def overall_rank_bound(self) -> bool:
+        """The field's M sets concatenated have fewer rows than columns (rows < M*K)."""
+        return self.rows < self.num_sets * self.dim
+
+    @property
+    def diversity_rank_bound(self) -> bool:
+        """Two compared groups cannot be independent (rows < 2 x group width): at least
+        ``2w - rows`` of their principal angles are 0 for any table, the random one included,
+        so the diversity ratio rests on few free directions (none when rows <= w)."""
+        width = self.diversity_group_width
+        return width is not None and self.rows < 2 * width
 
 
 def diversity_groups(num_sets: int, dim: int, column_groups: int | None) -> tuple[str, list[slice]]:

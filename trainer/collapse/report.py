@@ -7,6 +7,8 @@ Written into one output directory (atomically: a temporary sibling renamed at th
     ia.png            IA per field against the random baseline (Figure 2)
     diversity.png     set diversity, fields x set pairs (when any model has several sets)
     comparison.png    the models side by side (when given two or more, e.g. SE vs ME)
+    training.png      the training curves of the analysed runs (when a checkpoint lies in a run
+                      directory with metrics.jsonl / collapse.jsonl; ``trainer.run_report``)
     report.html       the summary table and every PNG embedded (base64)
 """
 
@@ -26,11 +28,14 @@ import numpy as np
 from trainer.checkpoint import RUN_CHECKPOINTS
 from trainer.collapse.analysis import CollapseReport
 from trainer.errors import UserError
+from trainer.run_dir import RunDir
+from trainer.run_report import RunCurves, training_comparison_png
 from trainer.storage import atomic_directory, filesystem, join
 
 FORMAT = "trainer.collapse/1"
 JSON_NAME = "collapse.json"
 HTML_NAME = "report.html"
+TRAINING_PNG = "training.png"
 
 
 def reports_to_json(reports: Sequence[CollapseReport]) -> str:
@@ -98,7 +103,26 @@ def render_figures(reports: Sequence[CollapseReport]) -> dict[str, bytes]:
         out["diversity.png"] = _png(_diversity_figure, reports)
     if len(reports) > 1:
         out["comparison.png"] = _png(_comparison_figure, reports)
+    runs = training_runs(reports)
+    if runs:
+        _figure_module()  # the same clear error without matplotlib
+        out[TRAINING_PNG] = training_comparison_png(runs)
     return out
+
+
+def training_runs(reports: Sequence[CollapseReport]) -> list[RunCurves]:
+    """The curves of the runs whose checkpoints the reports analysed (``RUN/checkpoints/step-N``
+    with records in ``RUN/metrics.jsonl`` or ``collapse.jsonl``), the analysed step marked."""
+    runs = []
+    for r in reports:
+        run_dir = RunDir.of_checkpoint(r.source)
+        if run_dir is None:
+            continue
+        mark = "analysed checkpoint" if r.step is not None else "best checkpoint"
+        curves = RunCurves.read(run_dir, label=r.label, mark_step=r.step, mark_label=mark)
+        if curves.metrics or curves.collapse:
+            runs.append(curves)
+    return runs
 
 
 def _png(draw: Callable[[Any, Sequence[CollapseReport]], Any], reports: Sequence[CollapseReport]) -> bytes:
@@ -353,8 +377,9 @@ def render_html(reports: Sequence[CollapseReport], figures: dict[str, bytes]) ->
         "spectra.png": "Singular spectra (Figure 1b of the paper)",
         "ia.png": "Information abundance per field against the random baseline (Figure 2 of the paper)",
         "diversity.png": "Set diversity per field and set pair",
+        TRAINING_PNG: "Training curves of the analysed runs (their run directories' metrics.jsonl and collapse.jsonl)",
     }
-    for name in ("comparison.png", "spectra.png", "ia.png", "diversity.png"):
+    for name in ("comparison.png", "spectra.png", "ia.png", "diversity.png", TRAINING_PNG):
         if name in figures:
             data = base64.b64encode(figures[name]).decode()
             parts.append(f"<h2>{e(captions[name])}</h2><img alt='{e(name)}' src='data:image/png;base64,{data}'>")

@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from trainer.cli_help import HelpFormatter
 from trainer.data.encoding import BAD_ROW_POLICIES, INTEGER_TRANSFORM, Encoder, map_batches
-from trainer.data.raw_formats import RawFormat, raw_format
+from trainer.data.raw_formats import FORMATS, RawFormat, raw_format
 from trainer.data.raw_reader import open_raw, prefetch, read_chunks
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, SplitInfo, write_schema
 from trainer.data.splits import TRAIN, parse_split
@@ -193,18 +194,21 @@ def summary(schema: DatasetSchema, output: str, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.data.preprocess", description="Turn raw Criteo/Avazu logs into a prepared dataset."
+        prog="python -m trainer.data.preprocess",
+        description="Turn raw Criteo/Avazu logs into a prepared dataset.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="criteo (TSV, no header) or avazu (CSV with header)")
+    p.add_argument("--dataset", required=True, choices=sorted(FORMATS), help="criteo (TSV, no header) or avazu (CSV with header)")
     p.add_argument("--input", required=True, help="raw file: path or fsspec URL (.gz etc. decompressed)")
     p.add_argument("--output", required=True, help="dataset directory to create: path or fsspec URL")
     p.add_argument(
         "--min-count", type=int, default=None, help="train tokens rarer than this -> OOV (default: criteo 10, avazu 4)"
     )
-    p.add_argument("--split", default="8,1,1", help="train,val,test proportions (default 8,1,1)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--on-bad-rows", default="fail", help="fail (default) or skip (count and drop them)")
-    p.add_argument("--files-per-split", type=int, default=4, help="parquet files per split (default 4)")
+    p.add_argument("--split", default="8,1,1", help="train,val,test proportions")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--on-bad-rows", default="fail", choices=BAD_ROW_POLICIES,
+                   help="fail: stop at the first bad row; skip: count and drop them")  # fmt: skip
+    p.add_argument("--files-per-split", type=int, default=4, help="parquet files per split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

@@ -53,6 +53,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from trainer.cli_help import HelpFormatter, description
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, write_schema
 from trainer.data.splits import assign_splits, parse_split, splitmix64
 from trainer.data.transforms import criteo_integer_token, log_dense
@@ -484,10 +485,13 @@ def _summary(report: dict[str, Any], seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.data.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.data.synthetic", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--rows", type=int, required=True, help="number of data rows")
     p.add_argument("--output", required=True, help="file (criteo-tsv; .gz compresses) or dataset directory (parquet)")
-    p.add_argument("--format", default="parquet", help=f"one of {', '.join(FORMATS)} (default parquet)")
+    p.add_argument("--format", default="parquet", choices=FORMATS,
+                   help="parquet: a prepared dataset directory; criteo-tsv: raw Criteo Kaggle rows to preprocess")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the planted model and the rows")
     p.add_argument("--cardinality-scale", type=float, default=1.0, help="multiplies the Criteo cardinalities")
     p.add_argument("--split", default="8,1,1", help="train,val,test proportions (as preprocess)")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.cli_help import HelpFormatter, description
 from trainer.errors import run_cli
 from trainer.export import QUANTIZE_MODES
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.export", description=description(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH_OR_URL", help="a checkpoint dir, or a run dir (its best checkpoint)")
     p.add_argument("--output", required=True, metavar="PATH_OR_URL", help="the artifact directory to write")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="int8: row-wise 8-bit embedding tables")
