@@ -1,4 +1,4 @@
-"""``trainer.storage.atomic_directory`` on its own (local paths and ``memory://``): the swap of
+"""``trainer.atomic_output.atomic_directory`` on its own (local paths and ``memory://``): the swap of
 ``--overwrite``, what it refuses to replace, and what it does with what dead runs left beside the
 output. The preprocess CLI's end-to-end checks are in ``tests/test_preprocess_faults.py``."""
 
@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
+from trainer.atomic_output import atomic_directory, refuse_overlap
 from trainer.errors import UserError
-from trainer.storage import atomic_directory, filesystem, refuse_overlap
+from trainer.storage import filesystem
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -114,7 +115,7 @@ def test_what_dead_runs_left_is_cleaned_or_restored_and_the_rest_reported(root, 
     fs.makedirs(f"{parent}/ds.tmp-0000eeee", exist_ok=True)
     _owner(fs, f"{parent}/ds.tmp-0000eeee.owner", host=here, pid=__import__("os").getpid())
 
-    with caplog.at_level(logging.INFO, logger="trainer.storage"):
+    with caplog.at_level(logging.INFO, logger="trainer.atomic_output"):
         with pytest.raises(UserError, match="already exists"):  # the old output is back
             _write(f"{url}/ds", {"M": b"new"}, marker="M")
     assert fs.cat(f"{parent}/ds/M") == b"old"

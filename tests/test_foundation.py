@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import ROOT
+from trainer.atomic_output import atomic_directory
 from trainer.data.schema import DatasetSchema, SparseField, read_schema, write_schema
 from trainer.data.splits import TEST, TRAIN, VAL, assign_splits, parse_split
-from trainer.storage import atomic_directory, filesystem
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError
+from trainer.storage import filesystem
 
 
 def _write_dataset(root: str, rows_per_split: int = 500) -> DatasetSchema:

@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from trainer.atomic_output import atomic_directory
 from trainer.checkpoint import RUN_CHECKPOINTS
 from trainer.collapse.analysis import CollapseReport
 from trainer.errors import UserError
 from trainer.run_dir import RunDir
 from trainer.run_report import RunCurves, training_comparison_png
-from trainer.storage import atomic_directory, filesystem, join
+from trainer.storage import filesystem, join
 
 FORMAT = "trainer.collapse/1"
 JSON_NAME = "collapse.json"

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from trainer.atomic_output import atomic_directory
 from trainer.cli_help import HelpFormatter
 from trainer.data.encoding import BAD_ROW_POLICIES, INTEGER_TRANSFORM, Encoder, map_batches
 from trainer.data.raw_formats import FORMATS, RawFormat, raw_format
@@ -38,7 +39,7 @@ from trainer.data.synthetic import read_oracle
 from trainer.data.vocabulary import build_vocabulary, write_vocabulary
 from trainer.data.writer import DatasetWriter
 from trainer.errors import UserError, run_cli
-from trainer.storage import atomic_directory, filesystem, join, require_exists
+from trainer.storage import filesystem, join, require_exists
 
 _SPILL_FILE = "_spill.arrow"
 SCHEMA_FILE = "schema.json"  # what marks a dataset: --overwrite replaces nothing else

@@ -53,13 +53,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from trainer.atomic_output import atomic_directory, atomic_files
 from trainer.cli_help import HelpFormatter, description
 from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, write_schema
 from trainer.data.splits import assign_splits, parse_split, splitmix64
 from trainer.data.transforms import criteo_integer_token, log_dense
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError, run_cli
-from trainer.storage import atomic_directory, atomic_files, filesystem
+from trainer.storage import filesystem
 
 FORMATS = ("parquet", "criteo-tsv")
 ORACLE_SUFFIX = ".oracle.json"  # criteo-tsv: the report beside OUTPUT

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from trainer.atomic_output import atomic_directory
 from trainer.collapse.analysis import CollapseReport, analyze_field
 from trainer.collapse.gram import field_gram
 from trainer.data.schema import DatasetSchema, read_schema
@@ -42,7 +43,7 @@ from trainer.export.feature_spec import build_feature_spec
 from trainer.export.model_card import render_model_card
 from trainer.export.serving_model import ServingModel, export_program
 from trainer.export.trained_model import CheckpointModel, load_checkpoint_model
-from trainer.storage import atomic_directory, filesystem, join
+from trainer.storage import filesystem, join
 
 log = logging.getLogger("trainer.export")
 
