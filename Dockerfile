@@ -2,9 +2,11 @@
 # The training / collapse-monitor image:  docker build -t REGISTRY/ctr-multiembed:TAG .
 #
 # No version is written here: tools/setup_env.py installs the pins of pyproject.toml
-# ([tool.ctr.accelerator] for torch / fbgemm-gpu / torchrec, [project] dependencies for
-# the rest), the CUDA build forced by CTR_ACCELERATOR=cuda. The base image's CUDA
-# major.minor must be [tool.ctr.accelerator] cuda (tests/test_deploy.py checks it).
+# (the `cuda` extra, i.e. [tool.ctr.accelerator]'s torch 2.13.0 / fbgemm-gpu 1.8.0 / torchrec
+# 1.8.0; [project] dependencies for the rest), the CUDA build forced by CTR_ACCELERATOR=cuda;
+# it reads pyproject.toml with tomllib, so the base image's python3 must be >= 3.11 (24.04
+# has 3.12). The base image's CUDA major.minor must be [tool.ctr.accelerator] cuda
+# (tests/test_deploy.py checks it).
 # The wheels bring their own CUDA libraries; the base image gives the NVIDIA runtime
 # its settings (NVIDIA_VISIBLE_DEVICES, NVIDIA_REQUIRE_CUDA) and a matching userland.
 ARG CUDA_IMAGE=nvidia/cuda

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast bench sweep-small clean
+.PHONY: setup demo test test-fast bench sweep-small gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ sweep-small: setup
 	test -e runs/sweep_small/dataset/schema.json || $(PY) -m trainer.data.synthetic --rows 20000 \
 		--cardinality-scale 0.002 --format parquet --output runs/sweep_small/dataset
 	$(PY) -m pipelines.sweep --spec configs/sweeps/small.yaml
+
+# One CUDA GPU, no network, under 5 minutes: driver, torch/fbgemm/torchrec, then short fused-Adam
+# runs (row-wise, table-wise, UVM caching), a resume, an export and its parity (tools/gpu_check.py).
+# The .venv python by default; in a CUDA image with its own torch:
+#   make gpu-check PYTHON=python3 WHEELS=/path/to/wheels   (fbgemm-gpu, torchrec installed from there)
+# Exit 2 (and nothing run) where there is no GPU.
+GPU_CHECK_PY = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(PY))
+gpu-check:
+	@command -v $(GPU_CHECK_PY) >/dev/null || { echo "make gpu-check: no $(GPU_CHECK_PY) (make setup, or PYTHON=...)" >&2; exit 2; }
+	$(GPU_CHECK_PY) tools/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

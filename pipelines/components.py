@@ -166,9 +166,9 @@ def preprocess(
 
 def train(
     *overrides: str,
-    config: str,
     data: str,
     run_dir: str,
+    config: Optional[str] = None,
     j: str = "1x2",
     image: str = IMAGE,
     cpu: int = 8,
@@ -188,9 +188,10 @@ def train(
 
     Args:
         overrides: trainer config values, ``key=value`` (e.g. ``train.epochs=3``)
-        config: the trainer config YAML (a path inside the image or the working directory)
         data: the prepared dataset (path or fsspec URL)
         run_dir: the run directory (path or fsspec URL; a shared volume or object store on a cluster)
+        config: the trainer config YAML (a path inside the image or the working directory;
+            none: the trainer's defaults)
         j: ``[min:]NxP``: N hosts with P processes each (e.g. 2x8)
         image: the image with this repository installed
         cpu: CPUs per host
@@ -210,7 +211,7 @@ def train(
         job_env["CTR_RUN_ID"] = run_id
     if pushgateway:
         job_env["CTR_PUSHGATEWAY"] = pushgateway
-    args = ["--config", config, "--resume", "auto", "--set", f"data.path={data}", f"run.dir={run_dir}", *overrides]
+    args = (["--config", config] if config else []) + ["--resume", "auto", "--set", f"data.path={data}", f"run.dir={run_dir}", *overrides]
     experiment = job_env.get(TRACKING_EXPERIMENT_ENV)
     app = dist.ddp(
         *args, script="trainer/main.py", image=image, name="train", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,

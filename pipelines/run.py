@@ -312,5 +312,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:10} {out[name]}")
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

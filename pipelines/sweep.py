@@ -18,6 +18,10 @@ A spec (YAML; every key checked, see ``SweepSpec``)::
     seeds: [0]
     base_dim: {default: 10, nfwfm: 50}
     launcher: {nproc: 1}                      # >1: torchrun --standalone --nproc-per-node N
+    # or one torchx job per cell (train component), launcher.parallel submitted at a time:
+    # launcher: {scheduler: kubernetes, scheduler_args: {namespace: ctr, queue: ctr,
+    #            service_account: ctr-trainer}, image: REGISTRY/ctr-multiembed:TAG,
+    #            nproc: 8, gpu: 8, cpu: 64, memMB: 480000, parallel: 16}
     overrides: [train.epochs=1]               # trainer --set values for every cell
     per_model_overrides: {dcnv2: [model.cross_layers=2]}
     per_dataset_overrides: {}
@@ -33,7 +37,15 @@ The output directory::
 Rerunning is cheap and safe: a cell whose run directory has a complete ``summary.json`` is
 not trained again, an interrupted one resumes from its latest checkpoint (``--resume
 auto``), and a failed one is tried again. A failed cell is logged with its log file and the
-sweep goes on; the exit status is then 1. Spec errors (exit 2) are found before anything
+sweep goes on; the exit status is then 1.
+
+With ``launcher.scheduler`` ``local_cwd`` or ``kubernetes`` (``--scheduler`` overrides it)
+each cell is its own torchx job instead (``pipelines/components.py:train``, ``-j
+1x<nproc>``), submitted through torchx's Runner, ``launcher.parallel`` at a time, and
+polled to its end; its job log's tail is appended to ``OUT/logs/<cell id>.log``. The
+output may then be an object-store URL (the cells' run directories, logs and report go
+there; no lock: run one sweep at a time on it). ``--dry-run`` prints each unfinished
+cell's scheduler request (for kubernetes: the Volcano job) and submits nothing. Spec errors (exit 2) are found before anything
 runs: unknown keys, unknown model names, an empty grid, an override the trainer would
 refuse for some cell, or cells whose run directory holds a run of a different config.
 """
@@ -41,6 +53,8 @@ refuse for some cell, or cells whose run directory holds a run of a different co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
 import shlex
@@ -49,8 +63,19 @@ import time
 from typing import Any, Sequence
 
 from pipelines import sweep_report
-from pipelines.sweep_launcher import CellJob, Outcome, output_lock, raise_on_sigterm, slot_environments
+from pipelines.sweep_launcher import (
+    CellJob,
+    Outcome,
+    TorchxCellJob,
+    cell_app,
+    output_lock,
+    prepare_scheduler,
+    raise_on_sigterm,
+    scheduler_cfg,
+    slot_environments,
+)  # fmt: skip
 from pipelines.sweep_spec import (
+    SCHEDULERS,
     Cell,
     SweepSpec,
     cell_command,
@@ -58,6 +83,8 @@ from pipelines.sweep_spec import (
     cell_log,
     check_existing,
     check_models,
+    check_output,
+    is_url,
     load_spec,
     plan_cells,
     resolve_cell_config,
@@ -66,6 +93,7 @@ from pipelines.sweep_spec import (
 from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import RunDir
+from trainer.storage import filesystem, join
 
 log = logging.getLogger("sweep")
 
@@ -130,6 +158,27 @@ def collect_records(spec: SweepSpec, cells: list[Cell], output: str, outcomes: d
     return records
 
 
+def write_report(spec: SweepSpec, output: str, records: list[dict[str, Any]], plots: bool = True) -> None:
+    """The report files into ``output``: a local directory (sweep_report writes them
+    atomically) or an object-store URL (each file one put, which is atomic there)."""
+    if not is_url(output):
+        if plots:
+            sweep_report.write_report(spec, output, records)
+        else:
+            sweep_report.write_tables(spec, output, records)
+        return
+    files: dict[str, bytes | str] = {
+        "results.jsonl": "".join(json.dumps(sweep_report._json_safe(r), allow_nan=False) + "\n" for r in records),
+        "table.md": sweep_report.render_markdown(spec, output, records),
+        "table.csv": sweep_report.render_csv(spec, records),
+    }
+    if plots:
+        files.update(sweep_report.render_figures(spec, records))
+    for name, data in files.items():
+        fs, path = filesystem(join(output, name))
+        fs.pipe_file(path, data.encode() if isinstance(data, str) else data)
+
+
 # ---- running ----------------------------------------------------------------------------
 
 
@@ -157,17 +206,19 @@ def run_sweep(
     todo = select_cells(cells, **(only or {}))
     if not todo:
         raise UserError(f"the grid is empty: no cell of the spec's {len(cells)} matches the selection {only}")
+    check_output(spec.launcher, output)
     check_models({c.model for c in todo})
     check_existing(spec, todo, output)  # also runs every cell's config through the trainer's checks
+    prepare_scheduler(spec)
     outcomes: dict[str, Outcome] = {}
 
     def write() -> list[dict[str, Any]]:
         records = collect_records(spec, cells, output, outcomes)
         if report:
-            sweep_report.write_report(spec, output, records)
+            write_report(spec, output, records)
         return records
 
-    with output_lock(output):
+    with output_lock(output), _runner(spec) as runner:
         pending = [c for c in todo if RunDir(cell_dir(output, c)).read_summary() is None]
         for c in todo:
             if c not in pending:
@@ -176,9 +227,9 @@ def run_sweep(
             "sweep: %d cell(s) in the grid, %d selected, %d already done (skipped), %d to train; output %s",
             len(cells), len(todo), len(todo) - len(pending), len(pending), output,
         )  # fmt: skip
-        envs = slot_environments(spec.launcher)
+        envs = [{} for _ in range(spec.launcher.parallel)] if runner else slot_environments(spec.launcher)
         queue = list(pending)
-        running: dict[int, tuple[int, CellJob]] = {}  # slot -> (number, job)
+        running: dict[int, tuple[int, CellJob | TorchxCellJob]] = {}  # slot -> (number, job)
         durations: list[float] = []
         started = 0
         try:
@@ -193,8 +244,13 @@ def run_sweep(
                     how = "resuming from its latest checkpoint" if RunDir(cell_dir(output, cell)).has_checkpoints() else "new"
                     where = f" on GPU(s) {envs[slot]['CUDA_VISIBLE_DEVICES']}" if envs[slot] else ""
                     log.info("[%d/%d] start %s (%s)%s; %s", started, len(pending), cell.id, how, where, eta)
-                    running[slot] = (started, CellJob(spec, cell, output, envs[slot]))
-                time.sleep(0.2)
+                    if runner:
+                        job: CellJob | TorchxCellJob = TorchxCellJob(runner, spec, cell, output)
+                        log.info("[%d/%d] %s: torchx job %s", started, len(pending), cell.id, job.handle)
+                    else:
+                        job = CellJob(spec, cell, output, envs[slot])
+                    running[slot] = (started, job)
+                time.sleep(2.0 if runner else 0.2)  # a scheduler's status is a call to it
                 for slot, (number, job) in list(running.items()):
                     outcome = job.poll()
                     if outcome is None:
@@ -216,7 +272,7 @@ def run_sweep(
                         log.error("[%d/%d] FAILED %s after %s: %s; log: %s", number, len(pending), cell.id,
                                   _duration(outcome.seconds or 0), outcome.error, cell_log(output, cell))  # fmt: skip
                     if report:  # the tables so far (the plots at the end)
-                        sweep_report.write_tables(spec, output, collect_records(spec, cells, output, outcomes))
+                        write_report(spec, output, collect_records(spec, cells, output, outcomes), plots=False)
         except BaseException:  # Ctrl-C, SIGTERM: take the running cells down with us
             for _, job in running.values():
                 job.stop()
@@ -230,6 +286,38 @@ def run_sweep(
     for r in failed:
         log.error("failed: %s: %s; log: %s", r["id"], r["error"], r["log"])
     return records
+
+
+@contextlib.contextmanager
+def _runner(spec: SweepSpec) -> Any:
+    """torchx's Runner for a scheduler launcher (None for subprocesses)."""
+    if not spec.launcher.torchx:
+        yield None
+        return
+    from torchx.runner import get_runner
+
+    with get_runner() as runner:
+        yield runner
+
+
+def dry_run(spec: SweepSpec, cells: list[Cell], output: str) -> None:
+    """Print each cell's state and command (subprocess) or scheduler request (torchx jobs:
+    for kubernetes the Volcano job); finished cells are listed as skipped. Submits nothing."""
+    check_output(spec.launcher, output)
+    check_models({c.model for c in cells})
+    for c in cells:
+        resolve_cell_config(spec, c, output)
+    with _runner(spec) as runner:
+        for c in cells:
+            run = RunDir(cell_dir(output, c))
+            state = "done" if run.read_summary() else ("resume" if run.has_checkpoints() else "new")
+            if runner is None:
+                print(f"{c.id}\t{state}\t{shlex.join(cell_command(spec, c, output))}")
+            elif state == "done":
+                print(f"--- cell {c.id}: done, skipped")
+            else:
+                info = runner.dryrun(cell_app(spec, c, output), spec.launcher.scheduler, cfg=scheduler_cfg(spec, output))
+                print(f"--- cell {c.id}: {state} -> {cell_dir(output, c)} ({spec.launcher.scheduler} job)\n{info}\n")
 
 
 # ---- command line -----------------------------------------------------------------------
@@ -261,11 +349,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="override spec keys: --set seeds=[0,1,2] launcher.nproc=2")  # fmt: skip
     for axis, kind in (("datasets", str), ("models", str), ("modes", str), ("scales", int), ("seeds", int)):
         p.add_argument(f"--{axis}", type=_csv(kind), metavar="A,B", help=f"train only these {axis} of the spec (the report still covers the whole grid)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their commands; train nothing")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="override launcher.scheduler: subprocesses here, or one torchx job per cell")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells and their commands (torchx schedulers: each unfinished cell's job); train nothing")  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the run directories; train nothing")
     args = p.parse_args(argv)
     _quiet_libraries()
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides + ([f"launcher.scheduler={args.scheduler}"] if args.scheduler else []))
     output = args.output or spec.output
     only = {axis: getattr(args, axis) for axis in ("datasets", "models", "modes", "scales", "seeds")}
     for axis, values in only.items():
@@ -274,19 +365,14 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--{axis}: {extra} not in the spec's {axis} {list(getattr(spec, axis))}")
     if args.report_only:
         records = collect_records(spec, plan_cells(spec), output, {})
-        sweep_report.write_report(spec, output, records)
+        write_report(spec, output, records)
         print(f"report of {sum(r['status'] == 'done' for r in records)}/{len(records)} done cell(s) written to {output}")
         return
     if args.dry_run:
         cells = select_cells(plan_cells(spec), **only)
         if not cells:
             raise UserError("the grid is empty: no cell matches the selection")
-        check_models({c.model for c in cells})
-        for c in cells:
-            resolve_cell_config(spec, c, output)
-            run = RunDir(cell_dir(output, c))
-            state = "done" if run.read_summary() else ("resume" if run.has_checkpoints() else "new")
-            print(f"{c.id}\t{state}\t{shlex.join(cell_command(spec, c, output))}")
+        dry_run(spec, cells, output)
         return
     raise_on_sigterm()
     records = run_sweep(spec, output, only)
@@ -294,5 +380,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

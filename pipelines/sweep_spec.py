@@ -23,6 +23,11 @@ from trainer.run_dir import RunDir
 from trainer.storage import join
 
 MODES = ("se", "me")
+# how cells are started: subprocesses of the sweep on this host, or one torchx job per cell
+SCHEDULERS = ("subprocess", "local_cwd", "kubernetes")
+# the image built from this repository's Dockerfile (pipelines.components.IMAGE; not imported
+# here: the sweep's CLI answers --help without torchx)
+DEFAULT_IMAGE = "ctr-multiembed:latest"
 # keys every cell sets itself, from the grid: an override may not set them
 CELL_KEYS = ("data.path", "model.name", "embedding.mode", "embedding.scale", "embedding.base_dim", "train.seed", "run.dir")
 # config sections that may differ between a cell's run directory and the spec (where it is, how it reports)
@@ -44,12 +49,29 @@ class LauncherSpec:
     ``parallel``: cells trained at once. On a CUDA host each gets its own ``nproc`` GPUs
     (``CUDA_VISIBLE_DEVICES``), so ``parallel * nproc`` may not exceed the GPUs there:
     ``{nproc: 1, parallel: 8}`` trains eight one-GPU cells side by side on an 8-GPU host.
+
+    ``scheduler``: ``subprocess`` (the above, on this host) or a torchx scheduler
+    (``local_cwd``, ``kubernetes``): each cell is then its own torchx job, the ``train``
+    component of ``pipelines/components.py`` (``-j 1x{nproc}``), ``parallel`` of them
+    submitted at a time, with ``scheduler_args`` as torchx's ``-cfg`` (e.g. ``{namespace:
+    ctr, queue: ctr, service_account: ctr-trainer}``), ``image``, and ``cpu``, ``gpu``
+    (per cell: ``nproc`` on GPU hosts) and ``memMB`` per cell; ``mounts`` and ``env`` as the
+    component's. On a cluster, ``output`` and the datasets must be shared storage (an
+    object-store URL, or a path on a volume in ``mounts``).
     """
 
     nproc: int = 1
     max_restarts: int = 0
     timeout_minutes: float = 0.0
     parallel: int = 1
+    scheduler: str = "subprocess"
+    scheduler_args: dict[str, str] = field(default_factory=dict)
+    image: str = DEFAULT_IMAGE
+    cpu: int = 8
+    gpu: int = 0
+    memMB: int = 16384
+    mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("nproc", "parallel"):
@@ -58,6 +80,17 @@ class LauncherSpec:
                 raise UserError(f"launcher.{name} must be >= 1, got {value}")
         if self.max_restarts < 0 or self.timeout_minutes < 0:
             raise UserError("launcher.max_restarts and launcher.timeout_minutes must be >= 0")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"launcher.scheduler {self.scheduler!r}: expected one of {list(SCHEDULERS)}")
+        for name in ("cpu", "gpu", "memMB"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < (0 if name == "gpu" else 1):
+                raise UserError(f"launcher.{name} must be >= {0 if name == 'gpu' else 1}, got {value}")
+
+    @property
+    def torchx(self) -> bool:
+        """Whether each cell is a torchx job (not a subprocess of the sweep)."""
+        return self.scheduler != "subprocess"
 
 
 @dataclass(frozen=True)
@@ -103,8 +136,9 @@ class SweepSpec:
             raise UserError(f"scales must be positive integers, got {self.scales}")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise UserError(f"seeds must be non-negative integers, got {self.seeds}")
-        if not self.output or "://" in self.output:
-            raise UserError(f"output {self.output!r}: expected a local directory (mount remote storage on a cluster)")
+        if not self.output:
+            raise UserError("output: the sweep's output directory (or URL) is required")
+        check_output(self.launcher, self.output)
         for key, dim in self.base_dim.items():
             if key != "default" and key not in self.models:
                 raise UserError(f"base_dim: {key!r} is neither 'default' nor one of models {self.models}")
@@ -155,6 +189,20 @@ class SweepSpec:
 
     def base_dim_of(self, model: str) -> int | None:
         return self.base_dim.get(model, self.base_dim.get("default"))
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def check_output(launcher: LauncherSpec, output: str) -> None:
+    """An object-store URL output needs torchx jobs: the subprocess launcher's cells log into
+    local files and the sweep locks a local directory."""
+    if is_url(output) and not launcher.torchx:
+        raise UserError(
+            f"output {output!r}: launcher.scheduler subprocess needs a local directory "
+            "(use launcher.scheduler local_cwd or kubernetes for a URL output, or mount the storage)"
+        )
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
@@ -220,8 +268,9 @@ def cell_dir(output: str, cell: Cell) -> str:
 
 
 def cell_log(output: str, cell: Cell) -> str:
-    """The cell's log file (local: the cell's process writes into it)."""
-    return os.path.join(output, "logs", f"{cell.id}.log")
+    """The cell's log file (a subprocess cell's output goes into it; a torchx cell's job log is
+    copied into it when the job ends, a path or a URL as the output)."""
+    return join(output, "logs", f"{cell.id}.log") if is_url(output) else os.path.join(output, "logs", f"{cell.id}.log")
 
 
 def _yaml_str(value: str) -> str:

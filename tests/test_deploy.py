@@ -795,10 +795,12 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
         assert must in ignored, f".dockerignore must leave out {must}"
 
 
-def test_setup_env_reads_pyproject_like_a_toml_parser():
-    """The installer (and so the image) reads pyproject.toml without a TOML library (Python 3.10):
-    it must see exactly what tomllib sees."""
+def test_setup_env_reads_pyproject_with_tomllib():
+    """The installer (and so the image) reads pyproject.toml with tomllib: the pins and the
+    extras it installs are the ones a TOML parser sees (the image's stack is the `cuda` extra)."""
     assert setup_env.read_accelerator_pins() == PYPROJECT["tool"]["ctr"]["accelerator"]
     assert setup_env.read_string_array("project", "dependencies") == PYPROJECT["project"]["dependencies"]
     for extra, deps in PYPROJECT["project"]["optional-dependencies"].items():
         assert setup_env.read_string_array("project.optional-dependencies", extra) == deps, extra
+    stack, torchrec = setup_env.accelerator_requirements("cuda")
+    assert [*stack, torchrec] == PYPROJECT["project"]["optional-dependencies"]["cuda"]

@@ -141,7 +141,7 @@ PAPER = ".venv/bin/python -m pipelines.sweep --spec configs/sweeps/paper.yaml"  
 
 # torchx's kubernetes scheduler builds and pushes an image of the working directory unless
 # --workspace is empty, even for --dryrun (and there is no Docker daemon here)
-TORCHX_K8S_DRYRUN = DryRun(replace=(("torchx run ", 'torchx run --dryrun --workspace "" '),))
+TORCHX_K8S_DRYRUN = DryRun(replace=(("torchx run ", "torchx run --dryrun "),))  # exactly as printed, plus --dryrun
 ONE_SWEEP_CELL = "--models dnn --modes me --scales 1"  # the shared 1x cell of one model, not 35 cells
 
 COMMANDS: dict[str, Run | NotHere] = {
@@ -159,7 +159,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     TORCHX_DDP: Run(after=(PIPELINE, TORCHRUN)),
     "PATH=$PWD/.venv/bin:$PATH torchx run -s local_cwd pipelines/components.py:train --config configs/synthetic_me.yaml "
     "--data runs/demo/dataset --run_dir runs/x -j 1x2": Run(after=(PIPELINE,)),
-    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer "
+    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer --workspace \"\" "
     "pipelines/components.py:train --image REGISTRY/ctr-multiembed:TAG -j 2x8 --gpu 8 --memMB 480000 --config "
     "configs/criteo_me.yaml --data s3://BUCKET/criteo --run_dir s3://BUCKET/runs/me4x "
     "--pushgateway pushgateway.ctr.svc:9091": TORCHX_K8S_DRYRUN,
@@ -195,9 +195,26 @@ COMMANDS: dict[str, Run | NotHere] = {
     "PATH=$PWD/.venv/bin:$PATH torchx run -s local_cwd pipelines/components.py:sweep --spec configs/sweeps/small.yaml":
         Run("one cell of the 35 (done by the line above: the job writes the report)",
             append=f"-- {ONE_SWEEP_CELL}", after=(SWEEP_SMALL,)),
-    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer "
+    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer --workspace \"\" "
     "pipelines/components.py:sweep --spec /runs/paper.yaml --image REGISTRY/ctr-multiembed:TAG --gpu 8 --memMB 200000 "
     "--max_retries 3 --mounts type=volume,src=sweeps,dst=/runs --output /runs/paper": TORCHX_K8S_DRYRUN,
+    # each cell its own job on the cluster: the dry run prints each cell's Volcano job; the output
+    # is a local directory here (no s3fs or credentials), the datasets are not opened by a dry run
+    ".venv/bin/python -m pipelines.sweep --spec configs/sweeps/paper.yaml --scheduler kubernetes --output "
+    "s3://BUCKET/sweeps/paper --set 'launcher.scheduler_args={namespace: ctr, queue: ctr, service_account: ctr-trainer}' "
+    "launcher.image=REGISTRY/ctr-multiembed:TAG launcher.gpu=8 launcher.cpu=64 launcher.memMB=480000 "
+    "'datasets={criteo: s3://BUCKET/criteo, avazu: s3://BUCKET/avazu}' --models dcnv2,dnn --seeds 0": DryRun(
+        "a local output instead of the bucket", replace=(("s3://BUCKET/sweeps/paper", "runs/sweep_paper_k8s"),),
+        append="--dry-run"),
+    # -- Several nodes
+    ".venv/bin/torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id JOB "
+    "--max-restarts 2 trainer/main.py --config configs/criteo_me.yaml --set data.path=s3://BUCKET/criteo "
+    "run.dir=s3://BUCKET/runs/me4x": NotHere(
+        "needs two nodes with 8 GPUs each; tests/test_multinode.py runs the same two-agent c10d line on loopback "
+        "(--nnodes 2 --nproc-per-node 1) and compares it with the 1x2 run"),
+    # -- GPU clusters
+    "make gpu-check": NotHere("needs a CUDA GPU; tests/test_gpu_check.py checks that it refuses cleanly here"),
+    "make gpu-check GPU_CHECK_ARGS=--dry-run": Run(),
     # -- Kubernetes
     "docker build -t REGISTRY/ctr-multiembed:TAG .": NotHere("needs a Docker daemon (tests/test_deploy.py checks the Dockerfile)"),
     "docker push REGISTRY/ctr-multiembed:TAG": NotHere("needs a Docker daemon and a registry"),

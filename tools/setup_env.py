@@ -1,10 +1,13 @@
 """Build the project's virtual environment: ``python tools/setup_env.py VENV``.
 
-Reads the pins from ``pyproject.toml`` and picks the CPU or CUDA build of the
-torch / fbgemm stack by itself (override with ``CTR_ACCELERATOR=cpu|cuda``).
-torchrec is installed with ``--no-deps`` because its metadata asks for the
-CUDA ``fbgemm-gpu``, which must not sit next to ``fbgemm-gpu-cpu``; its real
-runtime needs are plain dependencies of the project.
+Reads ``pyproject.toml`` with ``tomllib`` and installs the extra ``cpu`` or
+``cuda`` (the torch / fbgemm / torchrec triple of ``[tool.ctr.accelerator]``),
+picked by itself (override with ``CTR_ACCELERATOR=cpu|cuda``): the same sets
+``pip install ".[cpu]"`` / ``".[cuda]"`` name, so the extras are the one list.
+torchrec is installed with ``--no-deps`` (the ``cpu`` extra leaves it out)
+because its metadata asks for the CUDA ``fbgemm-gpu``, which must not sit next
+to ``fbgemm-gpu-cpu``; its real runtime needs are plain dependencies of the
+project.
 
 The Dockerfile runs this same script (so the image has no second list of
 versions)::
@@ -27,44 +30,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+if sys.version_info < (3, 11):  # tomllib; pyproject.toml's requires-python
+    sys.exit(f"setup: Python >= 3.11 is needed, this is {sys.version.split()[0]} (set PYTHON=python3.11 for make)")
+import tomllib  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
 def read_accelerator_pins() -> dict[str, str]:
-    """``[tool.ctr.accelerator]`` of pyproject.toml (plain ``key = "value"`` lines, so no TOML
-    library is needed on Python 3.10)."""
-    pins: dict[str, str] = {}
-    section = None
-    for line in (ROOT / "pyproject.toml").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[tool.ctr.accelerator]" and "=" in line:
-            key, value = (part.strip() for part in line.split("=", 1))
-            pins[key] = value.strip('"')
-    return pins
+    """``[tool.ctr.accelerator]`` of pyproject.toml."""
+    return pyproject()["tool"]["ctr"]["accelerator"]
 
 
 def read_string_array(section: str, key: str) -> list[str]:
-    """The strings of the array ``key = [...]`` in ``[section]`` of pyproject.toml, on one line
-    or several (again without a TOML library); [] when absent."""
-    values: list[str] = []
-    current, collecting = None, False
-    for raw in (ROOT / "pyproject.toml").read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not collecting and line.startswith("["):
-            current = line
-            continue
-        if not collecting and current == f"[{section}]" and line.split("=", 1)[0].strip() == key and "=" in line:
-            line, collecting = line.split("=", 1)[1].strip().removeprefix("["), True
-        if collecting:  # brackets inside the strings (``"torchx[kubernetes]"``) do not close the array
-            unquoted = re.sub(r'"[^"]*"', '""', line)
-            if "]" in unquoted:
-                line = line[: len(re.match(r'(?:[^"\]]|"[^"]*")*', line).group(0))]
-            values += re.findall(r'"([^"]*)"', line)
-            if "]" in unquoted:
-                return values
-    return values
+    """The strings of the array ``key = [...]`` in the table ``section`` (dotted) of
+    pyproject.toml; [] when absent."""
+    table = pyproject()
+    for part in section.split("."):
+        table = table.get(part, {})
+    return list(table.get(key, []))
+
+
+def accelerator_requirements(accelerator: str) -> tuple[list[str], str]:
+    """(what to install with dependencies, the torchrec requirement to install with ``--no-deps``)
+    for ``accelerator``: the extra of that name, torchrec taken out of it (the ``cpu`` extra
+    has none: its pin comes from ``[tool.ctr.accelerator]``)."""
+    extra = read_string_array("project.optional-dependencies", accelerator)
+    rest = [r for r in extra if not re.match(r"torchrec\b", r)]
+    torchrec = [r for r in extra if re.match(r"torchrec\b", r)]
+    return rest, (torchrec[0] if torchrec else f"torchrec=={read_accelerator_pins()['torchrec']}")
 
 
 def detect_accelerator() -> str:
@@ -126,18 +125,17 @@ def main() -> None:
     args = parse_args()
     venv = Path(args.venv).resolve()
     extras = [e.strip() for e in args.extras.split(",") if e.strip()]
-    pins = read_accelerator_pins()
     accelerator = detect_accelerator()
     print(f"setup: building {venv} for {accelerator}", flush=True)
     if not (venv / "bin" / "python").exists():
         if subprocess.run([sys.executable, "-m", "venv", str(venv)]).returncode != 0:
             install_debian("python3-venv")  # Debian/Ubuntu ship venv's ensurepip separately
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    fbgemm = pins["fbgemm_cuda"] if accelerator == "cuda" else pins["fbgemm_cpu"]
+    stack, torchrec = accelerator_requirements(accelerator)
     # e.g. CTR_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, where PyPI's default torch is the CUDA build
     index = ["--extra-index-url", os.environ["CTR_TORCH_INDEX_URL"]] if os.environ.get("CTR_TORCH_INDEX_URL") else []
-    pip(venv, *index, f"torch=={pins['torch']}", fbgemm)
-    pip(venv, "--no-deps", f"torchrec=={pins['torchrec']}")
+    pip(venv, *index, *stack)
+    pip(venv, "--no-deps", torchrec)
     if args.deps_only:
         requirements = read_string_array("project", "dependencies")
         for extra in extras:

@@ -62,6 +62,18 @@ def _elastic_attempt_store(world_size: int) -> dist.Store | None:
     return dist.PrefixStore(f"ctr_trainer/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
+def _local_world_size(world_size: int, use_cuda: bool) -> int:
+    """The ranks on this host (torchrun/torchx: ``LOCAL_WORLD_SIZE``; per node, not the job's
+    world: 2 nodes x 8 ranks give 8). It sets each process's CPU threads (the host's cores
+    shared by its ranks) and the planner's hosts (world / local). A launcher that sets RANK
+    but not LOCAL_WORLD_SIZE: one rank per GPU of this host on CUDA, else all on one host."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if use_cuda:
+        return max(1, min(world_size, torch.cuda.device_count()))
+    return world_size
+
+
 def init_distributed(device_choice: str = "auto") -> DistContext:
     """Join (or create) the process group; picks the device and backend."""
     if device_choice == "cuda" and not torch.cuda.is_available():
@@ -89,7 +101,7 @@ def init_distributed(device_choice: str = "auto") -> DistContext:
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        local_world_size=_local_world_size(world_size, use_cuda),
         device=device,
         backend=backend,
     )

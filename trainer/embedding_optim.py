@@ -89,7 +89,7 @@ def embedding_optimizer(
     optimizer_class, emb_opt_type, takes_eps, devices = _EMBEDDING_OPTIMIZERS[name]
     if device.type not in devices:
         raise UserError(
-            f"embedding optimizer {name!r} has no fused kernel on {device.type}; "
+            f"optim.embedding {name!r} has no fused kernel on {device.type} (it needs {' or '.join(devices)}); "
             f"{device.type} can run: {device_embedding_optimizers(device)}"
         )
     if not lr > 0:

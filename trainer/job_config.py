@@ -34,6 +34,13 @@ from trainer.table_layout import EMBEDDING_MODES, PAPER_SCALES, embedding_shape
 DEVICES = ("auto", "cpu", "cuda")
 # every sharding type TorchRec knows; trainer.sharding says which ones a device runs
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+# embedding compute kernels: auto = the planner's choice; fused = FBGEMM's fused kernel, table in
+# HBM (CPU: host memory); fused_uvm_caching = table in UVM (host memory) with an HBM cache (CUDA only)
+COMPUTE_KERNELS = ("auto", "fused", "fused_uvm_caching")
+# embedding table storage; trainer.sharding says which ones a device trains
+EMBEDDING_DATA_TYPES = ("fp32", "fp16")
+# autocast of the dense part of the forward (the embedding lookup stays in the tables' type)
+DENSE_AUTOCASTS = ("none", "bf16")
 # the models of trainer.model.interactions.INTERACTIONS (tests/test_model_zoo.py keeps the two equal)
 MODEL_NAMES = ("dnn", "dcnv2", "ipnn", "nfwfm", "xdeepfm", "finalmlp", "autoint")
 
@@ -53,10 +60,15 @@ class EmbeddingConfig:
     mode: str = field(default="me", metadata={"doc": "se: one embedding set of dim scale*base_dim; me: scale sets of dim base_dim"})
     scale: int = field(default=1, metadata={"doc": "the paper's k, the embedding size multiplier (paper scales: 1, 2, 3, 4, 10)"})
     base_dim: int = field(default=10, metadata={"doc": "the 1x embedding dim (10 in the paper, 50 for NFwFM)"})
+    data_type: str = field(
+        default="fp32", metadata={"doc": "storage of the embedding tables: fp32, or fp16 (half the memory; lookups return fp32)"}
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in EMBEDDING_MODES:
             raise UserError(f"embedding mode {self.mode!r}: expected one of {list(EMBEDDING_MODES)}")
+        if self.data_type not in EMBEDDING_DATA_TYPES:
+            raise UserError(f"embedding.data_type {self.data_type!r}: expected one of {list(EMBEDDING_DATA_TYPES)}")
         _require_positive_ints(self, "embedding", ("scale", "base_dim"), f" (paper scales: {list(PAPER_SCALES)})")
 
     @property
@@ -132,6 +144,13 @@ class ShardingConfig:
             global list.
         storage_cap_bytes: per-rank cap on the memory the tables are placed in (HBM on
             CUDA, DDR on CPU); None = TorchRec's default topology.
+        hbm_cap_bytes, ddr_cap_bytes: per-rank caps on HBM (GPU memory) and DDR (host
+            memory, where ``fused_uvm_caching`` tables live) for the planner's topology;
+            None = TorchRec's default. ``storage_cap_bytes`` is the older spelling of the
+            device's own memory: setting both for the same memory is refused.
+        compute_kernel: ``auto`` (the planner chooses), ``fused`` (FBGEMM's fused kernel,
+            the table in HBM on CUDA) or ``fused_uvm_caching`` (CUDA only: the table in
+            UVM, host memory, with an HBM cache of ``uvm_cache_load_factor`` of its rows).
     """
 
     sharding_types: tuple[str, ...] = field(
@@ -147,6 +166,21 @@ class ShardingConfig:
     storage_cap_bytes: int | None = field(
         default=None, metadata={"doc": "per-rank cap on table memory (HBM on CUDA, DDR on CPU); null = TorchRec's default"}
     )
+    hbm_cap_bytes: int | None = field(
+        default=None, metadata={"doc": "per-rank HBM (GPU memory) of the planner's topology; null = TorchRec's default"}
+    )
+    ddr_cap_bytes: int | None = field(
+        default=None,
+        metadata={"doc": "per-rank DDR (host memory; holds fused_uvm_caching tables) of the planner's topology; null = TorchRec's default"},
+    )
+    compute_kernel: str = field(
+        default="auto",
+        metadata={"doc": "embedding kernel: auto (planner's choice), fused (FBGEMM, tables in HBM), "
+                         "fused_uvm_caching (CUDA only: tables in host memory with an HBM cache)"},
+    )
+    uvm_cache_load_factor: float = field(
+        default=0.2, metadata={"doc": "fused_uvm_caching: the HBM cache's share of a table's rows, in (0, 1]"}
+    )
 
     def __post_init__(self) -> None:
         for where, types in self._type_lists():
@@ -157,9 +191,15 @@ class ShardingConfig:
                 raise UserError(f"sharding {where}: unknown sharding types {unknown}; known: {list(SHARDING_TYPES)}")
             if where != "sharding_types" and not types:
                 raise UserError(f"sharding {where}: empty list of sharding types")
-        cap = self.storage_cap_bytes
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise UserError(f"sharding storage_cap_bytes {cap!r}: expected a positive integer (bytes per rank)")
+        for name in ("storage_cap_bytes", "hbm_cap_bytes", "ddr_cap_bytes"):
+            cap = getattr(self, name)
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+                raise UserError(f"sharding {name} {cap!r}: expected a positive integer (bytes per rank)")
+        if self.compute_kernel not in COMPUTE_KERNELS:
+            raise UserError(f"sharding.compute_kernel {self.compute_kernel!r}: expected one of {list(COMPUTE_KERNELS)}")
+        factor = self.uvm_cache_load_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise UserError(f"sharding.uvm_cache_load_factor {factor!r}: expected a share of the rows in (0, 1]")
 
     def _type_lists(self) -> list[tuple[str, Sequence[str]]]:
         return (
@@ -201,8 +241,13 @@ class TrainSection:
     patience: int = field(default=3, metadata={"doc": "evaluations without a better validation AUC before stopping"})
     max_steps: int = field(default=0, metadata={"doc": "stop after this many steps (0: no limit)"})
     log_every_steps: int = field(default=50, metadata={"doc": "log loss, throughput and ETA every N steps"})
+    dense_autocast: str = field(
+        default="none", metadata={"doc": "none, or bf16: autocast the dense part of the forward to bfloat16 (the lookup stays as stored)"}
+    )
 
     def __post_init__(self) -> None:
+        if self.dense_autocast not in DENSE_AUTOCASTS:
+            raise UserError(f"train.dense_autocast {self.dense_autocast!r}: expected one of {list(DENSE_AUTOCASTS)}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -163,5 +163,6 @@ def _fault_injection(trainer: Trainer) -> None:
     trainer.pipeline.progress = failing_progress
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

@@ -50,5 +50,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"scored {rows} rows of {a.input} into {a.output} in {seconds:.1f}s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

@@ -18,7 +18,13 @@ are logged by TorchRec; ``capture_planner_stats()`` collects them instead, for `
 What the device can run (checked on CPU + gloo, and what TorchRec documents for CUDA):
 sharding types on CPU ``data_parallel, table_wise, column_wise, table_column_wise``; CUDA
 adds ``row_wise, table_row_wise``. A config asking for more is refused here, where the
-device is known (``check_sharding_config``).
+device is known (``check_sharding_config``). The other device-bound choices (the compute
+kernel, fp16 tables, bf16 autocast, the embedding optimizer, the memory caps) are checked
+by ``check_device_support`` when a trainer starts, before anything is planned or written:
+``sharding.compute_kernel: fused_uvm_caching`` and ``optim.embedding: adam`` are CUDA
+only; fp16 tables train on CPU too (FBGEMM's CPU kernels: checked with sgd, adagrad and
+row-wise adagrad, table- and column-wise, fbgemm-gpu-cpu 1.8); bf16 autocast of the dense
+part runs on CPU (every model of the zoo, checked) and on CUDA devices with bf16.
 
 Facts about ``DistributedModelParallel`` this module is built around (checked on CPU + gloo,
 torchrec 1.9.2): DMP does not copy the unsharded tables into the shards, it re-initialises
@@ -40,6 +46,7 @@ import torch.distributed as dist
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -50,10 +57,11 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingEnv, ShardingPlan
 
+from trainer.embedding_optim import device_embedding_optimizers
 from trainer.errors import UserError
-from trainer.job_config import SHARDING_TYPES, ShardingConfig
+from trainer.job_config import SHARDING_TYPES, ShardingConfig, TrainConfig
 from trainer.model.sparse_arch import TableInfo, find_sparse_arch, init_table_
 from trainer.table_layout import TABLE_NAME_FORMAT
 
@@ -64,6 +72,61 @@ CPU_SHARDING_TYPES = tuple(t for t in SHARDING_TYPES if t not in ("row_wise", "t
 def device_sharding_types(device: torch.device) -> tuple[str, ...]:
     """The sharding types ``device`` can run."""
     return CUDA_SHARDING_TYPES if device.type == "cuda" else CPU_SHARDING_TYPES
+
+
+# what each device-bound choice needs: key -> value -> the device types that run it
+DEVICE_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sharding.compute_kernel": {"auto": ("cpu", "cuda"), "fused": ("cpu", "cuda"), "fused_uvm_caching": ("cuda",)},
+    "embedding.data_type": {"fp32": ("cpu", "cuda"), "fp16": ("cpu", "cuda")},
+    "train.dense_autocast": {"none": ("cpu", "cuda"), "bf16": ("cpu", "cuda")},
+}
+
+
+def check_device_support(config: TrainConfig, device: torch.device) -> None:
+    """UserError, naming the key and the device, for a choice ``device`` cannot run:
+    ``sharding.compute_kernel: fused_uvm_caching`` and ``optim.embedding: adam`` off CUDA,
+    ``train.dense_autocast: bf16`` on a GPU without bfloat16, a memory cap given twice
+    (``sharding.storage_cap_bytes`` is HBM on CUDA, DDR on CPU). Sharding types are
+    checked with the tables (``check_sharding_config``, from ``plan_sharding``)."""
+    kind = device.type
+    chosen = {
+        "sharding.compute_kernel": config.sharding.compute_kernel,
+        "embedding.data_type": config.embedding.data_type,
+        "train.dense_autocast": config.train.dense_autocast,
+    }
+    for key, value in chosen.items():
+        devices = DEVICE_CHOICES[key][value]
+        if kind not in devices:
+            usable = [v for v, d in DEVICE_CHOICES[key].items() if kind in d]
+            raise UserError(f"{key} {value!r} needs {' or '.join(devices)}, this job runs on {kind}; {kind} can run: {usable}")
+    if config.optim.embedding not in device_embedding_optimizers(device):
+        needs = "cuda" if config.optim.embedding == "adam" else "another device"
+        raise UserError(
+            f"optim.embedding {config.optim.embedding!r} needs {needs}, this job runs on {kind} (no fused kernel here); "
+            f"{kind} can run: {device_embedding_optimizers(device)}"
+        )
+    if (
+        config.train.dense_autocast == "bf16"
+        and kind == "cuda"
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise UserError(f"train.dense_autocast 'bf16': {torch.cuda.get_device_name()} has no bfloat16; use none")
+    s = config.sharding
+    own = "hbm_cap_bytes" if kind == "cuda" else "ddr_cap_bytes"
+    if s.storage_cap_bytes is not None and getattr(s, own) is not None:
+        raise UserError(
+            f"sharding.storage_cap_bytes and sharding.{own} both cap the {'HBM' if kind == 'cuda' else 'DDR'} "
+            f"of a {kind} rank: set one"
+        )
+
+
+def memory_caps(config: ShardingConfig, device: torch.device) -> tuple[int | None, int | None]:
+    """(HBM, DDR) bytes per rank for the planner's topology (None: TorchRec's default);
+    ``storage_cap_bytes`` stands for the device's own memory."""
+    if device.type == "cuda":
+        return config.hbm_cap_bytes or config.storage_cap_bytes, config.ddr_cap_bytes
+    return config.hbm_cap_bytes, config.ddr_cap_bytes or config.storage_cap_bytes
 
 
 def allowed_sharding_types(config: ShardingConfig, table: TableInfo, device: torch.device) -> list[str]:
@@ -97,11 +160,35 @@ def check_sharding_config(config: ShardingConfig, tables: Sequence[TableInfo], d
 
 
 def build_constraints(
-    config: ShardingConfig, tables: Sequence[TableInfo], device: torch.device
+    config: ShardingConfig, tables: Sequence[TableInfo], device: torch.device, data_type: str = "fp32"
 ) -> dict[str, ParameterConstraints]:
-    """Table name -> the planner's constraints for it."""
+    """Table name -> the planner's constraints for it.
+
+    fp16 tables are never ``data_parallel``: a replicated table is a dense parameter stepped
+    by a torch optimizer, which in fp16 underflows (eps 1e-8 is 0 in fp16: the loss turns
+    NaN within ten steps, checked on CPU); FBGEMM's fused kernels keep fp16 tables finite."""
     check_sharding_config(config, tables, device)
-    return {t.table: ParameterConstraints(sharding_types=allowed_sharding_types(config, t, device)) for t in tables}
+    constraints = {}
+    for t in tables:
+        types = allowed_sharding_types(config, t, device)
+        if data_type == "fp16":
+            if types == ["data_parallel"]:
+                raise UserError(
+                    f"table {t.table}: embedding.data_type 'fp16' cannot be data_parallel (a replicated table is "
+                    "stepped by a torch optimizer, which fp16 underflows); allow another sharding type for it "
+                    "or use embedding.data_type fp32"
+                )
+            types = [st for st in types if st != "data_parallel"]
+        kernel: dict[str, object] = {}
+        # a table held to data_parallel keeps its only kernel (dense); elsewhere a kernel
+        # choice rules data_parallel out (it has no fused kernel)
+        if config.compute_kernel != "auto" and types != ["data_parallel"]:
+            types = [st for st in types if st != "data_parallel"]
+            kernel["compute_kernels"] = [EmbeddingComputeKernel(config.compute_kernel).value]
+            if config.compute_kernel == "fused_uvm_caching":
+                kernel["cache_params"] = CacheParams(load_factor=float(config.uvm_cache_load_factor))
+        constraints[t.table] = ParameterConstraints(sharding_types=types, **kernel)
+    return constraints
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
@@ -166,20 +253,20 @@ def plan_sharding(
     optimizer state.
     """
     tables = find_sparse_arch(model)[1].tables
-    cap = config.storage_cap_bytes
+    hbm_cap, ddr_cap = memory_caps(config, device)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
             world_size=world_size,
             local_world_size=local_world_size,
-            hbm_cap_bytes=cap if device.type == "cuda" else None,
-            ddr_cap_bytes=cap if device.type != "cuda" else None,
+            hbm_cap_bytes=hbm_cap,
+            ddr_cap_bytes=ddr_cap,
         ),
         kernel_config=KernelConfig(compute_device=device.type),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=build_constraints(config, tables, device),
+        constraints=build_constraints(config, tables, device, find_sparse_arch(model)[1].data_type),
         debug=False,
     )
 
@@ -187,7 +274,8 @@ def plan_sharding(
         try:
             return planner.plan(model, sharders())
         except PlannerError as e:
-            return _planner_error_message(e, tables, config, world_size, device)
+            element_size = max(p.element_size() for p in find_sparse_arch(model)[1].parameters())
+            return _planner_error_message(e, tables, config, world_size, device, element_size)
 
     # torchrec's collective_plan would leave the other ranks waiting if rank 0's planner
     # failed: broadcast the plan or the error, and let every rank raise the same error.
@@ -207,19 +295,34 @@ def _planner_error_message(
     config: ShardingConfig,
     world_size: int,
     device: torch.device,
+    element_size: int = 4,
 ) -> str:
-    memory = "HBM" if device.type == "cuda" else "DDR"
-    cap = f"{config.storage_cap_bytes} bytes" if config.storage_cap_bytes else "the default topology cap"
-    table_bytes = sum(t.cardinality * t.storage_dim * 4 for t in tables)
+    hbm_cap, ddr_cap = memory_caps(config, device)
+    if device.type == "cuda":
+        caps = [("HBM", hbm_cap, "hbm_cap_bytes")]
+        if ddr_cap or config.compute_kernel == "fused_uvm_caching":
+            caps.append(("DDR", ddr_cap, "ddr_cap_bytes"))
+    else:
+        caps = [("DDR", ddr_cap, "ddr_cap_bytes")]
+    cap = " and ".join(f"{f'{c} bytes' if c else 'the default topology cap'} of {m}" for m, c, _ in caps)
+    table_bytes = sum(t.cardinality * t.storage_dim * element_size for t in tables)
+    precision = {2: "fp16", 4: "fp32"}.get(element_size, f"{element_size}-byte")
+    kernel = "" if config.compute_kernel == "auto" else f" with the {config.compute_kernel} kernel"
     what = (
-        f"{len(tables)} embedding tables ({table_bytes} bytes of fp32 weights, plus optimizer state "
-        f"and lookup buffers) on {world_size} {device.type} ranks with {cap} of {memory} each"
+        f"{len(tables)} embedding tables ({table_bytes} bytes of {precision} weights, plus optimizer state "
+        f"and lookup buffers) on {world_size} {device.type} ranks{kernel} with {cap} each"
     )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if error.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
+        keys = " / ".join(k for *_, k in caps)
+        uvm = (
+            "; on CUDA, sharding.compute_kernel: fused_uvm_caching keeps tables in host memory"
+            if device.type == "cuda" and config.compute_kernel != "fused_uvm_caching"
+            else ""
+        )
         return (
             f"sharding plan does not fit: {what}, of which the planner first reserves 15% and "
-            f"the dense model per rank; raise storage_cap_bytes, add ranks or shrink the model "
+            f"the dense model per rank; raise {keys} (or storage_cap_bytes), add ranks or shrink the model{uvm} "
             f"(torchrec: {first_line})"
         )
     return f"no sharding plan for {what} under the sharding constraints (torchrec: {first_line})"

@@ -39,7 +39,7 @@ from trainer.job_config import TrainConfig
 from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
 from trainer.plan_table import render_plan
 from trainer.run_dir import RunDir
-from trainer.sharding import plan_sharding, shard_model
+from trainer.sharding import check_device_support, plan_sharding, shard_model
 from trainer.storage import filesystem
 from trainer.table_layout import SPARSE_ARCH_PREFIX
 from trainer.telemetry import Telemetry
@@ -75,12 +75,30 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def model_identity(config: TrainConfig, schema: DatasetSchema) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into this job's model, as plain JSON data
     (tuples as lists), the form it takes in a checkpoint's meta.json."""
+    embedding = dataclasses.asdict(config.embedding)
+    if embedding.get("data_type") == "fp32":
+        del embedding["data_type"]  # the default: identities (checkpoints) written before the key existed still match
     identity = {
         "model": dataclasses.asdict(config.model),
-        "embedding": dataclasses.asdict(config.embedding),
+        "embedding": embedding,
         "fields": [[f.name, f.cardinality] for f in schema.sparse_fields],
     }
     return json.loads(json.dumps(identity))
+
+
+def autocast_dense(model: MultiEmbeddingCTR, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Run the dense part of ``model``'s forward (``forward_embeddings``: interactions,
+    projections, tail) under ``torch.autocast(device.type, dtype)``; the embedding lookup
+    before it is left as the tables store it, and the logits come back as float32 for the
+    loss. The weights and the optimizers stay float32 (autocast casts per op)."""
+    dense = model.forward_embeddings
+
+    def forward_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            logits = dense(embeddings)
+        return logits.float()
+
+    model.forward_embeddings = forward_embeddings  # type: ignore[method-assign]
 
 
 class Trainer:
@@ -114,6 +132,8 @@ class Trainer:
 
     def _build(self) -> None:
         c, ctx = self.config, self.ctx
+        # what the device cannot run is refused before anything is read, planned or written
+        check_device_support(c, ctx.device)
         # the loaders first: they check the data's ids against the schema before anything is built
         self.train_loader = self._loader("train", shuffle=True)
         self.eval_loaders = {s: self._loader(s, shuffle=False) for s in ("val", "test")}
@@ -122,6 +142,9 @@ class Trainer:
         model = MultiEmbeddingCTR.from_config(
             self.schema.sparse_fields, c.model, c.embedding, seed=c.train.seed, table_device=torch.device("meta")
         )
+        model.sparse_arch.set_data_type(c.embedding.data_type)  # on meta: free
+        if c.train.dense_autocast == "bf16":
+            autocast_dense(model, ctx.device)
         module = TrainModule(model)
         emb_opt = embedding_optimizer(
             c.optim.embedding, ctx.device, lr=c.optim.embedding_lr, eps=c.optim.eps, weight_decay=c.optim.weight_decay

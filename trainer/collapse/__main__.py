@@ -80,5 +80,6 @@ def _run_name(checkpoint_url: str) -> str:
     return run_dir.name or "unknown"
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

@@ -511,5 +511,6 @@ def main(argv: list[str] | None = None) -> None:
     print(_summary(report, time.perf_counter() - start))
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

@@ -41,5 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{line}; tables {q['table_bytes'] / 2**20:.2f} MiB ({q['mode']})")
 
 
+cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)
 if __name__ == "__main__":
     run_cli(main)

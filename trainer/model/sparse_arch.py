@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -46,6 +46,9 @@ class TableInfo:
 
 
 INIT_BLOCK_ROWS = 1 << 16
+
+# ``embedding.data_type`` -> the tables' TorchRec data type
+TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
 def table_seed(seed: int, set_index: int, field: str, block: int = 0) -> int:
@@ -97,6 +100,8 @@ class MultiEmbeddingSparseArch(nn.Module):
             ``init_table_``, so reruns and shards see the same values and sets differ.
         device (torch.device | None): where the tables are allocated; ``meta`` defers
             allocation to sharding.
+        data_type (str): the tables' storage, ``"fp32"`` or ``"fp16"``
+            (``embedding.data_type``); lookups are returned as float32 either way.
 
     Example::
 
@@ -114,6 +119,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         dim: int,
         seed: int,
         device: torch.device | None = None,
+        data_type: str = "fp32",
     ) -> None:
         super().__init__()
         names = [f.name for f in fields]
@@ -126,6 +132,10 @@ class MultiEmbeddingSparseArch(nn.Module):
             raise UserError(f"sparse fields with cardinality < 1: {bad}")
         if num_sets < 1 or dim < 1:
             raise UserError(f"embedding sets {num_sets} x dim {dim}: both must be positive")
+        if data_type not in TABLE_DATA_TYPES:
+            raise UserError(f"embedding data_type {data_type!r}: expected one of {list(TABLE_DATA_TYPES)}")
+        self.fields: list[SparseField] = list(fields)
+        self.data_type: str = data_type
         self.field_names: list[str] = names
         self.num_sets: int = num_sets
         self.dim: int = dim
@@ -136,6 +146,7 @@ class MultiEmbeddingSparseArch(nn.Module):
                 num_embeddings=f.cardinality,
                 feature_names=[f.name],
                 pooling=PoolingType.SUM,
+                data_type=TABLE_DATA_TYPES[data_type],
             )
             for m in range(num_sets)
             for f in fields
@@ -159,6 +170,19 @@ class MultiEmbeddingSparseArch(nn.Module):
             if not weight.is_meta:
                 init_table_(weight, t, self.seed)
 
+    def set_data_type(self, data_type: str) -> None:
+        """Store the tables as ``data_type`` (``"fp32"`` or ``"fp16"``): the collection is
+        rebuilt on the tables' device (free on ``meta``, before sharding) and redrawn from the
+        seed, so the tables hold what a model built with ``data_type`` holds."""
+        if data_type == self.data_type:
+            return
+        weight = next(iter(self.embedding_bag_collection.parameters()))
+        rebuilt = MultiEmbeddingSparseArch(
+            self.fields, self.num_sets, self.dim, self.seed, device=weight.device, data_type=data_type
+        )
+        self.embedding_bag_collection = rebuilt.embedding_bag_collection
+        self.data_type = data_type
+
     def table_names(self) -> dict[tuple[int, str], str]:
         """(set, field) -> table name, e.g. for reading per-set weights for collapse monitoring."""
         return {(t.set_index, t.field): t.table for t in self.tables}
@@ -179,7 +203,8 @@ class MultiEmbeddingSparseArch(nn.Module):
             torch.Tensor: (M, B, F, K).
         """
         by_key = pooled.to_dict()
-        stacked = torch.stack([by_key[t.key][:, : self.dim] for t in self.tables], dim=1)  # (B, M*F, K)
+        # float32 whatever the tables hold (the sharded kernels already return fp32; unsharded fp16 bags do not)
+        stacked = torch.stack([by_key[t.key][:, : self.dim].float() for t in self.tables], dim=1)  # (B, M*F, K)
         return stacked.view(-1, self.num_sets, len(self.field_names), self.dim).transpose(0, 1)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
