@@ -216,6 +216,12 @@ COMMANDS: dict[str, Run | NotHere] = {
     "make gpu-check": NotHere("needs a CUDA GPU; tests/test_gpu_check.py checks that it refuses cleanly here"),
     "make gpu-check GPU_CHECK_ARGS=--dry-run": Run(),
     # -- Kubernetes
+    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer --workspace \"\" "
+    "dist.ddp --image REGISTRY/ctr-multiembed:TAG -j 2x8 --gpu 8 --memMB 200000 --script trainer/main.py -- "
+    "--config configs/criteo_me.yaml --set data.path=s3://BUCKET/criteo run.dir=s3://BUCKET/runs/me4x": TORCHX_K8S_DRYRUN,
+    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-submitter --workspace \"\" "
+    "pipelines/components.py:pipeline --config configs/pipelines/kubernetes.yaml --scheduler kubernetes "
+    "--image REGISTRY/ctr-multiembed:TAG": TORCHX_K8S_DRYRUN,
     "docker build -t REGISTRY/ctr-multiembed:TAG .": NotHere("needs a Docker daemon (tests/test_deploy.py checks the Dockerfile)"),
     "docker push REGISTRY/ctr-multiembed:TAG": NotHere("needs a Docker daemon and a registry"),
     ".venv/bin/kubectl kustomize deploy/k8s/overlays/example": Run(),
