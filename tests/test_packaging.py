@@ -118,18 +118,12 @@ def _dry_run(*args: str) -> dict[str, str]:
     return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in report["install"]}
 
 
-@pytest.mark.slow  # resolves against the package index (network)
-@pytest.mark.parametrize("extra", ["cpu", "cuda"])
-def test_pip_resolves_each_extra_to_one_coherent_stack(extra):
-    """`pip install ".[cpu]"` / `".[cuda]"` as a user runs it: torch, the matching fbgemm build
-    (never both), and for CUDA torchrec; for CPU, torchrec's own dependencies come with the project."""
-    resolved = _dry_run(f".[{extra}]")
+@pytest.mark.slow  # resolves against the package index (network, about a minute)
+def test_pip_resolves_the_cuda_extra_to_one_coherent_stack():
+    """`pip install ".[cuda]"` as a user runs it: torch, fbgemm-gpu and torchrec of the pinned
+    triple, never fbgemm-gpu-cpu beside them. (The cpu extra is what `make setup` installs on
+    every CI run, so it is exercised for real there.)"""
+    resolved = _dry_run(".[cuda]")
     assert resolved["torch"].split("+")[0] == PINS["torch"]
-    wanted, unwanted = ("fbgemm-gpu", "fbgemm-gpu-cpu") if extra == "cuda" else ("fbgemm-gpu-cpu", "fbgemm-gpu")
-    assert resolved[wanted] == PINS["torchrec"] and unwanted not in resolved, resolved
-    if extra == "cuda":
-        assert resolved["torchrec"] == PINS["torchrec"]
-    else:
-        assert "torchrec" not in resolved  # installed after, with --no-deps (README "Install")
-        for need in ("tensordict", "torchmetrics", "tqdm", "pyre-extensions"):  # torchrec 1.8.0's Requires-Dist
-            assert need in resolved, need
+    assert resolved["fbgemm-gpu"] == PINS["torchrec"] and "fbgemm-gpu-cpu" not in resolved, resolved
+    assert resolved["torchrec"] == PINS["torchrec"]
