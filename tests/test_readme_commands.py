@@ -337,7 +337,7 @@ class Workspace:
     copied, the raw inputs a user brings (tiny stand-ins), and ``runs/demo`` written by the
     README's own pipeline command (at a cheap size) before the commands that read it."""
 
-    LINKED = (".venv", "trainer", "pipelines", "bench", "deploy")
+    LINKED = (".venv", "trainer", "pipelines", "bench", "deploy", "tools", "Makefile")
     COPIED = ("configs", ".torchxconfig", "pyproject.toml")
 
     def __init__(self, root: Path):
