@@ -17,28 +17,11 @@ import yaml
 
 from pipelines import sweep as sw
 from pipelines import sweep_launcher, sweep_spec
-from tests.helpers import PYTHON, TINY, ok, run, user_error
+from tests.helpers import PYTHON, ok, run, user_error
+from tests.test_sweep import tiny_spec
 from trainer.errors import UserError
 
-TINY_SWEEP = [o for o in TINY if o.split("=")[0] not in sweep_spec.CELL_KEYS] + ["train.epochs=1"]
 K8S = {"namespace": "ctr", "queue": "ctr", "service_account": "ctr-trainer"}
-
-
-def write_spec(tmp: Path, name: str, dataset: Path, **extra) -> Path:
-    spec = {
-        "output": str(tmp / name),
-        "datasets": {"tiny": str(dataset)},
-        "models": ["dnn"],
-        "modes": ["se", "me"],
-        "scales": [1, 2],
-        "seeds": [0],
-        "base_dim": {"default": 4},
-        "overrides": TINY_SWEEP,
-    }
-    spec.update(extra)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def sweep_cli(spec: Path, *args: str, timeout: float = 600):
@@ -47,7 +30,7 @@ def sweep_cli(spec: Path, *args: str, timeout: float = 600):
 
 def test_kubernetes_dry_run_one_volcano_job_per_unfinished_cell(tmp_path, tiny_dataset):
     launcher = {"scheduler_args": K8S, "image": "REGISTRY/ctr-multiembed:TAG", "nproc": 2, "gpu": 2, "memMB": 100000}
-    spec_path = write_spec(tmp_path, "k8s", tiny_dataset, launcher=launcher)
+    spec_path = tiny_spec(tmp_path, tiny_dataset, "k8s", models=["dnn"], launcher=launcher)
     spec = sweep_spec.load_spec(spec_path)
     out = tmp_path / "k8s"
     # a finished cell: a complete summary.json in its run directory
@@ -79,7 +62,7 @@ def test_kubernetes_dry_run_one_volcano_job_per_unfinished_cell(tmp_path, tiny_d
 
 
 def test_scheduler_spec_and_url_output(tmp_path, tiny_dataset):
-    spec_path = write_spec(tmp_path, "s", tiny_dataset)
+    spec_path = tiny_spec(tmp_path, tiny_dataset, "s", models=["dnn"])
     with pytest.raises(UserError, match="launcher.scheduler"):
         sweep_spec.load_spec(spec_path, ["launcher.scheduler=slurm"])
     with pytest.raises(UserError, match="subprocess needs a local directory"):
@@ -104,8 +87,8 @@ def test_scheduler_spec_and_url_output(tmp_path, tiny_dataset):
 @pytest.mark.slow
 def test_local_cwd_sweep_matches_the_subprocess_sweep(tmp_path, tiny_dataset):
     """One tiny cell trained as a torchx local_cwd job and as a subprocess: same numbers, same table."""
-    sub = write_spec(tmp_path, "sub", tiny_dataset, modes=["me"], scales=[1])
-    tx = write_spec(tmp_path, "tx", tiny_dataset, modes=["me"], scales=[1])
+    sub = tiny_spec(tmp_path, tiny_dataset, "sub", models=["dnn"], modes=["me"], scales=[1])
+    tx = tiny_spec(tmp_path, tiny_dataset, "tx", models=["dnn"], modes=["me"], scales=[1])
     ok(sweep_cli(sub))
     proc = ok(sweep_cli(tx, "--scheduler", "local_cwd"))
     assert "torchx job local_cwd://" in proc.stderr, proc.stderr[-3000:]
