@@ -28,10 +28,9 @@ def config(*overrides: str) -> TrainConfig:
 
 def build(data_type: str = "fp32", device: torch.device = CUDA) -> MultiEmbeddingCTR:
     model = MultiEmbeddingCTR.from_config(
-        FIELDS, ModelConfig(name="dcnv2", hidden=8, cross_layers=1), EmbeddingConfig("me", 1, 16), seed=0,
-        table_device=torch.device("meta"),
+        FIELDS, ModelConfig(name="dcnv2", hidden=8, cross_layers=1), EmbeddingConfig("me", 1, 16, data_type=data_type),
+        seed=0, table_device=torch.device("meta"),
     )
-    model.sparse_arch.set_data_type(data_type)
     apply_embedding_optimizer(model, embedding_optimizer("rowwise_adagrad", device, lr=0.1))
     return model
 
@@ -140,10 +139,8 @@ def test_fp16_tables_take_half_the_planned_memory():
 
 def small_model(data_type: str) -> MultiEmbeddingCTR:
     fields = [SparseField("a", 7), SparseField("b", 9)]
-    model = MultiEmbeddingCTR.from_config(fields, ModelConfig(name="dcnv2", hidden=8, cross_layers=1),
-                                          EmbeddingConfig("me", 2, 4), seed=0)
-    model.sparse_arch.set_data_type(data_type)
-    return model
+    return MultiEmbeddingCTR.from_config(fields, ModelConfig(name="dcnv2", hidden=8, cross_layers=1),
+                                         EmbeddingConfig("me", 2, 4, data_type=data_type), seed=0)
 
 
 def test_fp16_tables_hold_the_seeded_values_and_look_up_as_float32():

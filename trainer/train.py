@@ -142,7 +142,6 @@ class Trainer:
         model = MultiEmbeddingCTR.from_config(
             self.schema.sparse_fields, c.model, c.embedding, seed=c.train.seed, table_device=torch.device("meta")
         )
-        model.sparse_arch.set_data_type(c.embedding.data_type)  # on meta: free
         if c.train.dense_autocast == "bf16":
             autocast_dense(model, ctx.device)
         module = TrainModule(model)

@@ -89,7 +89,9 @@ class MultiEmbeddingCTR(nn.Module):
         interaction_cls = INTERACTIONS[config.name]
         head = interaction_cls.head
         with torch.random.fork_rng(devices=[]):
-            sparse_arch = MultiEmbeddingSparseArch(fields, num_sets, dim, seed, device=table_device)
+            sparse_arch = MultiEmbeddingSparseArch(
+                fields, num_sets, dim, seed, device=table_device, data_type=embedding.data_type
+            )
             torch.manual_seed(seed)
             # drawn in this order: every interaction, every projection, then the tail
             interactions = [interaction_cls.from_config(config, len(fields), dim, num_sets) for _ in range(num_sets)]

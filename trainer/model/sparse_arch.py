@@ -170,19 +170,6 @@ class MultiEmbeddingSparseArch(nn.Module):
             if not weight.is_meta:
                 init_table_(weight, t, self.seed)
 
-    def set_data_type(self, data_type: str) -> None:
-        """Store the tables as ``data_type`` (``"fp32"`` or ``"fp16"``): the collection is
-        rebuilt on the tables' device (free on ``meta``, before sharding) and redrawn from the
-        seed, so the tables hold what a model built with ``data_type`` holds."""
-        if data_type == self.data_type:
-            return
-        weight = next(iter(self.embedding_bag_collection.parameters()))
-        rebuilt = MultiEmbeddingSparseArch(
-            self.fields, self.num_sets, self.dim, self.seed, device=weight.device, data_type=data_type
-        )
-        self.embedding_bag_collection = rebuilt.embedding_bag_collection
-        self.data_type = data_type
-
     def table_names(self) -> dict[tuple[int, str], str]:
         """(set, field) -> table name, e.g. for reading per-set weights for collapse monitoring."""
         return {(t.set_index, t.field): t.table for t in self.tables}
