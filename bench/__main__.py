@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trainer.cli_help import HelpFormatter, description
 
-BENCHMARKS = ["bench.bench_cli_help", "bench.bench_synthetic", "bench.bench_preprocess", "bench.bench_loader", "bench.bench_collapse", "bench.bench_checkpoint", "bench.bench_export", "bench.bench_paper_findings"]
+BENCHMARKS = ["bench.bench_cli_help", "bench.bench_synthetic", "bench.bench_preprocess", "bench.bench_dataset_spec", "bench.bench_loader", "bench.bench_collapse", "bench.bench_checkpoint", "bench.bench_export", "bench.bench_train", "bench.bench_multi_hot", "bench.bench_embedding_optim", "bench.bench_paper_findings", "bench.bench_auc_scale"]
 
 
 def short_name(module: str) -> str:

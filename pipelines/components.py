@@ -132,36 +132,56 @@ def generate(
 
 
 def preprocess(
-    input: str,
-    output: str,
+    input: Optional[str] = None,
+    output: str = "",
     dataset: str = "criteo",
+    spec: Optional[str] = None,
     min_count: Optional[int] = None,
     on_bad_rows: str = "fail",
+    workers: int = 1,
+    work: Optional[str] = None,
     image: str = IMAGE,
     cpu: int = 2,
     memMB: int = 16384,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
-    """Raw Criteo/Avazu logs -> a prepared dataset (``python -m trainer.data.preprocess``).
+    """Raw logs -> a prepared dataset, as a dataset spec says (``python -m trainer.data.preprocess``).
+
+    With ``workers`` > 1, one job of that many replicas: each counts and encodes its share
+    of the input files, replica 0 merges the vocabularies and writes the output; they meet
+    in ``work`` (a volume or object store every replica sees). Same bytes as one worker.
 
     Args:
-        input: the raw file (path or fsspec URL; .gz read as gzip)
+        input: the raw file(s): a path, a glob or an fsspec URL (.gz read as gzip);
+            default: the spec's ``input.paths``
         output: the dataset directory to write (replaced if it exists)
-        dataset: criteo or avazu
-        min_count: train tokens rarer than this become OOV (default: criteo 10, avazu 4)
+        dataset: a shipped spec, configs/datasets/NAME.yaml (criteo, avazu, criteo_1tb, ...)
+        spec: a dataset spec file instead (a path inside the image or the working directory)
+        min_count: every vocabulary field's min count (default: the spec's)
         on_bad_rows: fail, or skip (count and drop them)
+        workers: replicas sharing the input files out (one file is one worker's at a time)
+        work: the directory the replicas share (default OUTPUT.work)
         image: the image with this repository installed
-        cpu: CPUs (two passes in parallel threads)
-        memMB: memory in MB (grows with the vocabulary, not the file)
+        cpu: CPUs per replica (two passes in parallel threads)
+        memMB: memory per replica in MB (grows with the vocabularies, not the files)
         env: environment variables (e.g. object-store credentials from a Secret)
         mounts: volumes (see ``torchx.specs.parse_mounts``)
     """
-    args = ["--dataset", dataset, "--input", input, "--output", output, "--on-bad-rows", on_bad_rows,
-            "--overwrite", "--no-progress"]
+    if not output:
+        raise ValueError("output: the dataset directory to write is required")
+    which = ["--spec", spec] if spec else ["--dataset", dataset]
+    args = [*which, "--output", output, "--on-bad-rows", on_bad_rows, "--overwrite", "--no-progress"]
+    if input:
+        args += ["--input", input]
     if min_count is not None:
         args += ["--min-count", str(min_count)]
-    return _python_job("preprocess", "trainer.data.preprocess", args, image, cpu, 0, memMB, env, mounts)
+    if workers > 1:
+        args += ["--workers", str(workers), "--worker", specs.macros.replica_id, "--run-id", specs.macros.app_id]
+        args += ["--work", work] if work else []
+    app = _python_job("preprocess", "trainer.data.preprocess", args, image, cpu, 0, memMB, env, mounts)
+    app.roles[0].num_replicas = workers
+    return app
 
 
 def train(

@@ -61,12 +61,16 @@ class GenerateStage:
 
 @dataclass(frozen=True)
 class PreprocessStage:
-    """``input``: the raw file (default: the generated ``ROOT/raw.tsv``)."""
+    """``input``: the raw file(s), a path or glob (default: the generated ``ROOT/raw.tsv``, or
+    the spec's ``input.paths``); ``spec``: a dataset spec file instead of the shipped
+    ``dataset``; ``workers``: replicas of the preprocess job, sharing the input files out."""
 
     input: str = ""
     dataset: str = "criteo"
+    spec: str = ""
     min_count: int | None = None
     on_bad_rows: str = "fail"
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,10 @@ class PipelineConfig:
             raise UserError("root: the pipeline's output location is required")
         if self.generate.rows < 0:
             raise UserError(f"generate.rows {self.generate.rows}: expected 0 (skip) or a positive count")
-        if self.generate.rows == 0 and not self.preprocess.input:
+        if self.generate.rows == 0 and not self.preprocess.input and not self.preprocess.spec:
             raise UserError("preprocess.input: the raw file to preprocess is required when generate.rows is 0")
+        if self.preprocess.workers < 1:
+            raise UserError(f"preprocess.workers {self.preprocess.workers}: expected 1 or more")
         if self.export.quantize not in ("none", "int8"):
             raise UserError(f"export.quantize {self.export.quantize!r}: expected none or int8")
         reserved = [o for o in self.train.overrides if o.split("=", 1)[0].strip() in ("data.path", "run.dir")]
@@ -162,7 +168,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     run_id = config.run_id or config.root.rstrip("/").rsplit("/", 1)[-1]
     pushgateway = config.pushgateway or os.environ.get("CTR_PUSHGATEWAY", "")
     common: dict[str, Any] = {"image": config.image, "env": dict(config.env), "mounts": list(config.mounts) or None}
-    raw = out["generate"] if config.generate.rows else _local(config.preprocess.input)
+    raw = out["generate"] if config.generate.rows else _local(config.preprocess.input) if config.preprocess.input else None
     g, p, t, e = config.generate, config.preprocess, config.train, config.export
     stages = []
     if g.rows:
@@ -170,7 +176,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             rows=g.rows, output=out["generate"], cardinality_scale=g.cardinality_scale, seed=g.seed, **common),
             sidecars=(out["generate"] + ".oracle.json", out["generate"] + ".truth.parquet")))
     stages.append(Stage("preprocess", out["preprocess"], join(out["preprocess"], "schema.json"), lambda: components.preprocess(
-        input=raw, output=out["preprocess"], dataset=p.dataset, min_count=p.min_count, on_bad_rows=p.on_bad_rows, **common)))
+        input=raw, output=out["preprocess"], dataset=p.dataset, spec=_local(p.spec) if p.spec else None,
+        min_count=p.min_count, on_bad_rows=p.on_bad_rows, workers=p.workers, **common)))
     stages.append(Stage("train", out["train"], join(out["train"], SUMMARY), lambda: components.train(
         *t.overrides, config=t.config, data=out["preprocess"], run_dir=out["train"], j=t.j, gpu=t.gpu, cpu=t.cpu,
         memMB=t.memMB, max_retries=t.max_retries, run_id=run_id, pushgateway=pushgateway or None, **common)))

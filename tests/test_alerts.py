@@ -20,7 +20,6 @@ from tests.demo_collapse import demo_report
 from tests.helpers import ROOT, free_port, ok, train
 from trainer.collapse.gram import field_gram
 from trainer.collapse.analysis import CollapseReport, analyze_field
-from trainer.collapse.toy import interaction_collapse_toy
 from trainer.telemetry import Telemetry
 
 RULES = ROOT / "deploy" / "prometheus"
@@ -107,6 +106,14 @@ def _report(run: str, *tables) -> CollapseReport:
     """A CollapseReport of one field ``C1`` whose embedding sets are ``tables`` (rows, dim) each."""
     field = analyze_field(field_gram(list(tables), field="C1"))
     return CollapseReport(source="toy", label=run, fields=[field], num_sets=len(tables), dim=tables[0].shape[1])
+
+
+def collapsed_and_healthy(rows: int = 100, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A field table collapsed onto one direction (plus noise far below its scale) and a
+    random one of the same shape."""
+    rng = np.random.default_rng(seed)
+    collapsed = np.outer(rng.standard_normal(rows), rng.standard_normal(dim)) + 1e-3 * rng.standard_normal((rows, dim))
+    return collapsed, rng.standard_normal((rows, dim))
 
 
 def converged_sets(rows: int = 2000, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -216,12 +223,11 @@ def test_alerts_fire_for_collapsed_embeddings_and_not_for_a_healthy_demo_like_ru
     assert {s["metric"]["field"] for s in diversity} == set(fields)
     assert all(float(s["value"][1]) < 0.05 for s in diversity if s["metric"]["field"] in small)  # what today's raw rule saw
 
-    collapsed = interaction_collapse_toy(fixed_rank=1)  # interacted with a rank-1 field
-    healthy = interaction_collapse_toy(fixed_rank=None)  # interacted with a full-rank field
+    collapsed, healthy = collapsed_and_healthy()
     for run, report in (
         ("demo", demo_report("demo")),  # the figures of `make demo`'s model (tests/data/)
-        ("toy-collapsed", _report("toy-collapsed", collapsed.trained)),
-        ("toy-healthy", _report("toy-healthy", healthy.trained)),
+        ("toy-collapsed", _report("toy-collapsed", collapsed)),
+        ("toy-healthy", _report("toy-healthy", healthy)),
         ("toy-converged", _report("toy-converged", *converged_sets())),
     ):
         Telemetry(run, pushgateway=gateway).record_collapse(report)

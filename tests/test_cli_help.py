@@ -19,7 +19,7 @@ from trainer.cli_help import HelpFormatter, description, plain
 from trainer.job_config import TrainConfig
 
 # one entry of the epilog: "  train.epochs (int, default 10): passes over the train split"
-ENTRY = re.compile(r"^  (?P<key>[a-z_]+\.[a-z_.]+) \((?P<type>[^,]+), (?:default (?P<default>.*?)|(?P<required>required))\):(?P<doc>.*)$")
+ENTRY = re.compile(r"^  (?P<key>[a-z_]+(?:\.[a-z_.]+)?) \((?P<type>[^,]+), (?:default (?P<default>.*?)|(?P<required>required))\):(?P<doc>.*)$")
 
 
 def config_fields(cls: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -100,7 +100,8 @@ def test_preprocess_and_synthetic_declare_their_choices(capsys):
     from trainer.data import preprocess, synthetic
 
     for main, needles in (
-        (preprocess.main, ["--dataset {avazu,criteo}", "--on-bad-rows {fail,skip}", "(default: 8,1,1)"]),
+        (preprocess.main, ["--dataset {ads_log,avazu,criteo,criteo_1tb,criteo_kaggle_csv}", "--on-bad-rows {fail,skip}",
+                           "(default: the spec's split.ratios)"]),
         (synthetic.main, ["--format {parquet,criteo-tsv}", "(default: parquet)"]),
     ):
         with pytest.raises(SystemExit) as exit_info:

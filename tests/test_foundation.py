@@ -96,9 +96,9 @@ def test_split_assignment_is_deterministic_and_proportional():
 
 
 def test_criteo_integer_token_matches_the_paper_recipe():
-    values = np.array([-1, 0, 1, 2, 3, 10, 100, 1_618_112])
-    expected = [v if v <= 2 else int(np.floor(np.log(v) ** 2)) for v in values.tolist()]
-    assert criteo_integer_token(values).tolist() == expected == [-1, 0, 1, 2, 1, 5, 21, 204]
+    values = np.array([-3, -1, 0, 1, 2, 3, 4, 5, 10, 100, 1_618_112])
+    expected = [v - 2 if v <= 2 else int(np.floor(np.log(v) ** 2)) for v in values.tolist()]
+    assert criteo_integer_token(values).tolist() == expected == [-5, -3, -2, -1, 0, 1, 1, 2, 5, 21, 204]
     dense = log_dense(np.array([[3, -2]]), missing=np.array([[False, False]]))
     np.testing.assert_allclose(dense, [[np.log(4.0), 0.0]], rtol=1e-6)
 

@@ -195,7 +195,7 @@ def test_ipnn_inner_products_and_what_se_and_me_feed_on():
 
 
 def test_nfwfm_is_the_field_weighted_sum_of_pairwise_products():
-    interaction = NFwFMInteraction(len(FIELDS), 3, dropout=0.0)
+    interaction = NFwFMInteraction(len(FIELDS), 3, dropout=0.0, pairs="upper")  # "all": test_paper_fidelity.py
     e = torch.randn(5, len(FIELDS), 3)
     w = interaction.field_weights.detach()
     expected = sum(w[i, j] * e[:, i] * e[:, j] for i, j in itertools.combinations(range(len(FIELDS)), 2))

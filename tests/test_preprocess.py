@@ -27,7 +27,7 @@ REAL_CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo"
 
 def _token(value: int) -> str:
     """The paper's integer transform, written out independently of trainer.data.transforms."""
-    return str(value if value <= 2 else math.floor(math.log(value) ** 2))
+    return str(value - 2 if value <= 2 else math.floor(math.log(value) ** 2))
 
 
 def _criteo_rows(n: int, seed: int = 0) -> list[list[str]]:
@@ -132,8 +132,8 @@ def test_real_criteo_ids_and_dense_row_by_row(real):
         tokens = [(_token(int(r[k + 1])) if integer else r[k + 1]) if r[k + 1] else None for r in rows]
         expected = [MISSING_ID if t is None else vocab.get(t, (OOV_ID, 0))[0] for t in tokens]
         assert table[name].to_pylist() == expected, name
-    # the transform on a few values, by hand: 0, 1, 2 stay; 3 -> floor(1.0986^2) = 1; 1382 -> floor(7.2313^2) = 52
-    assert [_token(v) for v in (0, 1, 2, 3, 1382)] == ["0", "1", "2", "1", "52"]
+    # the transform on a few values, by hand: -1, 0, 1, 2 -> v - 2; 3 -> floor(1.0986^2) = 1; 1382 -> floor(7.2313^2) = 52
+    assert [_token(v) for v in (-1, 0, 1, 2, 3, 1382)] == ["-3", "-2", "-1", "0", "1", "52"]
     oov = schema.recipe["oov_rate"]["test"]
     assert set(oov) == set(CRITEO.sparse_fields) and 0 < oov["C3"] < 1
 
@@ -233,7 +233,7 @@ def test_avazu_bad_header_and_row_lines_count_the_header(tmp_path):
     rows = _avazu_csv(tmp_path / "a.csv", 20)
     text = (tmp_path / "a.csv").read_text().splitlines()
     (tmp_path / "b.csv").write_text("\n".join(["id,click,when"] + text[1:]) + "\n")
-    with pytest.raises(UserError, match=r"b\.csv:1: header is not the avazu layout"):
+    with pytest.raises(UserError, match=r"b\.csv:1: no column\(s\) \['hour', .*\]; the file's columns are \['id', 'click', 'when'\]"):
         preprocess(_config(tmp_path / "b.csv", tmp_path / "out", dataset="avazu"))
     text[5] = ",".join(rows[4][:-2])  # data row 5 is line 6
     (tmp_path / "c.csv").write_text("\n".join(text) + "\n")

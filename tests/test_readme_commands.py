@@ -137,6 +137,10 @@ RAW_ROWS = "head -n 1000 runs/demo/raw.tsv | cut -f 2- > raw_rows.tsv"
 SWEEP_DATA = (".venv/bin/python -m trainer.data.synthetic --rows 20000 --cardinality-scale 0.002 --format parquet "
               "--output runs/sweep_small/dataset")
 SWEEP_SMALL = ".venv/bin/python -m pipelines.sweep --spec configs/sweeps/small.yaml"
+ADS_RAW = ".venv/bin/python -m trainer.data.synthetic --schema ads_log --rows 200000 --output data/ads_raw"
+ADS_PREPROCESS = ".venv/bin/python -m trainer.data.preprocess --spec configs/datasets/ads_log.yaml --output data/ads_log"
+ADS_TRAIN = ".venv/bin/python -m trainer.main --config configs/ads_log_me.yaml"
+ADS_EXPORT = ".venv/bin/python -m trainer.export --checkpoint runs/ads_log_dcnv2_me2x --output artifacts/ads_log"
 PAPER = ".venv/bin/python -m pipelines.sweep --spec configs/sweeps/paper.yaml"  # + the README's options
 
 # torchx's kubernetes scheduler builds and pushes an image of the working directory unless
@@ -175,6 +179,24 @@ COMMANDS: dict[str, Run | NotHere] = {
     # train.txt.gz and train.csv (the raw Criteo and Avazu files) are tiny stand-ins: see workspace
     ".venv/bin/python -m trainer.data.preprocess --dataset criteo --input train.txt.gz --output data/criteo": Run(),
     ".venv/bin/python -m trainer.data.preprocess --dataset avazu --input train.csv --output data/avazu": Run(),
+    "PATH=$PWD/.venv/bin:$PATH torchx run -s local_cwd pipelines/components.py:preprocess --dataset criteo "
+    "--input train.txt.gz --output data/criteo_2w --workers 2": Run(),
+    ".venv/bin/torchx run -s kubernetes -cfg namespace=ctr,queue=ctr,service_account=ctr-trainer --workspace \"\" "
+    "pipelines/components.py:preprocess --dataset criteo_1tb --input 's3://BUCKET/criteo_1tb/day_*' "
+    "--output s3://BUCKET/criteo_1tb --workers 12 --memMB 64000 --image REGISTRY/ctr-multiembed:TAG": TORCHX_K8S_DRYRUN,
+    # -- Your own data (the ads log, a chain of its own: 7,000 rows, one epoch)
+    ADS_RAW: Run("7,000 rows, not 200,000", replace=(("--rows 200000", "--rows 7000"),)),
+    ADS_PREPROCESS: Run(after=(ADS_RAW,)),
+    # the next three (about 45 s here) are what tests/test_ads_log.py runs: the shipped config (one
+    # epoch, smaller), export, and trainer.predict's main on the raw test day, parity checked
+    ADS_TRAIN: NotHere("tests/test_ads_log.py trains configs/ads_log_me.yaml (one epoch, smaller) on the spec's dataset"),
+    ADS_EXPORT: NotHere("tests/test_ads_log.py exports that run in process (the same export_artifact)"),
+    ".venv/bin/python -m trainer.predict --artifact artifacts/ads_log --input data/ads_raw/day_2026-01-07.parquet "
+    "--output ads_scores.csv": NotHere("tests/test_ads_log.py runs trainer.predict's main on the raw Parquet test day "
+                                       "and checks it against the trainer's own test predictions"),
+    # four torchx jobs (about a minute here): the same chain runs above as one-process commands;
+    # the dry run builds every stage's job from the shipped config
+    ".venv/bin/python -m pipelines.run --config configs/pipelines/ads_log.yaml": DryRun(append="--dryrun"),
     # -- Export for serving
     EXPORT: Run(after=(TRAIN_ONE, TORCHX_DDP)),  # (TORCHX_DDP: the last to write that run)
     ".venv/bin/python -m trainer.export --checkpoint runs/synthetic_dcnv2_me2x --output artifacts/dcnv2_me2x_int8 "
@@ -235,13 +257,24 @@ COMMANDS: dict[str, Run | NotHere] = {
     ".venv/bin/python -m bench.bench_cli_help": Run("one run per CLI, not five", append="--repeat 1"),
     ".venv/bin/python -m bench.bench_loader": Run("20k rows, not 2M", append="--rows 20000"),
     ".venv/bin/python -m bench.bench_preprocess": Run("20k rows, not 1M and 5M", append="--rows 20000"),
+    ".venv/bin/python -m bench.bench_dataset_spec": Run("20k rows, not 1M and 2M", append="--rows 20000"),
     ".venv/bin/python -m bench.bench_synthetic": Run("20k rows, not 1M", append="--rows 20000"),
+    ".venv/bin/python -m bench.bench_train --models dcnv2 --modes se me --scales 1 4 10 --threads 1": Run(
+        "one row (ME 2x), ours only, 400 ids, batch 64, 1 step, not the Criteo-sized grid beside the baseline",
+        append="--modes me --scales 2 --ranks 1 --vocab 400 --batch 64 --warmup 1 --steps 1 --no-baseline"),
     ".venv/bin/python -m bench.bench_collapse --rows 10000000": Run(
         "20k rows, not 10M", replace=(("--rows 10000000", "--rows 20000"),)),
     ".venv/bin/python -m bench.bench_collapse --sets 10 --rows 1000000 --dim 10": Run(
         "20k rows, not 1M", replace=(("--rows 1000000", "--rows 20000"),)),
-    ".venv/bin/python -m bench.bench_paper_findings --per-field": Run("3,000 rows, not 200k", append="--rows 3000"),
+    ".venv/bin/python -m bench.bench_paper_findings --threads 1": Run(
+        "one toy seed and one SE-vs-ME setting of 3,000 rows, not 5 seeds and 12 settings of 30k",
+        append="--rows 3000 --toy-seeds 0 --seeds 0 --latent-dims 16 --recipes industrial"),
+    ".venv/bin/python -m bench.bench_auc_scale --out runs/auc_scale --threads 1": NotHere(
+        "18 trainings, over an hour of CPU; tests/test_paper_findings.py runs its --results path on cells it writes"),
     ".venv/bin/python -m bench.bench_checkpoint --gib 1": Run("10 MiB, not 1 GiB", replace=(("--gib 1", "--gib 0.01"),)),
+    ".venv/bin/python -m bench.bench_multi_hot": Run("14k rows, two rounds of one step", append="--rows 20000 --rounds 2 --steps 1"),
+    ".venv/bin/python -m bench.bench_embedding_optim": Run("the demo vocabulary at 1x, batch 256, one step",
+                                                           append="--vocab demo --scales 1 --batch 256 --warmup 0 --steps 1"),
     ".venv/bin/python -m bench.bench_export": Run("a small vocabulary, few iterations",
                                                   append="--cardinality-scale 0.001 --iters 5"),
     ".venv/bin/python -m trainer.predict ...": NotHere(
@@ -463,4 +496,5 @@ def test_readme_command(command: str, request):
         rows = (workspace.root / "raw_rows.tsv").read_text().splitlines()
         assert len(rows) == 1000 and all(len(r.split("\t")) == 39 for r in rows)  # Criteo without its label
     if command.startswith(".venv/bin/python -m trainer.predict"):
-        assert len((workspace.root / "scores.csv").read_text().splitlines()) >= 1000
+        output = command.split("--output ", 1)[1].split()[0]  # scores.csv, ads_scores.csv
+        assert len((workspace.root / output).read_text().splitlines()) >= 1000

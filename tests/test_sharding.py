@@ -16,6 +16,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tests.helpers import free_port
+from tests.test_paper_recipe import check_dense_adam_replicas
 from trainer.data.schema import SparseField
 from trainer.errors import UserError
 from trainer.job_config import EmbeddingConfig, ModelConfig
@@ -139,7 +140,7 @@ def test_embedding_optimizer_check_by_device():
         assert embedding_optimizer(name, CPU, lr=0.1).name == name
     with pytest.raises(UserError) as info:
         embedding_optimizer("adam", CPU, lr=0.1)
-    assert "'adam'" in str(info.value) and "['sgd', 'adagrad', 'rowwise_adagrad']" in str(info.value)
+    assert "'adam'" in str(info.value) and "['sgd', 'adagrad', 'rowwise_adagrad', 'dense_adam']" in str(info.value)
     adam = embedding_optimizer("adam", CUDA, lr=0.1)
     assert adam.emb_opt_type.value == "adam"
     with pytest.raises(UserError, match="expected one of"):
@@ -308,6 +309,7 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
         # different batches per rank: a fused table's gradient (all-to-all, divided by the
         # world size) and a replica's (DDP's mean) are the same, so plain SGD agrees too
         _check_placements_agree(_train_in_both_placements("sgd", rank, world_size))
+        check_dense_adam_replicas(rank, world_size)  # dense_adam: every table replicated, stepped whole
     finally:
         dist.destroy_process_group()
 

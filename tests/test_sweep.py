@@ -414,7 +414,8 @@ def test_shipped_specs_resolve_for_every_cell():
     small = sweep_spec.load_spec(ROOT / "configs" / "sweeps" / "small.yaml")
     paper = sweep_spec.load_spec(ROOT / "configs" / "sweeps" / "paper.yaml")
     assert len(sweep_spec.plan_cells(small)) == 7 * 5 and small.launcher.nproc == 1
-    assert len(sweep_spec.plan_cells(paper)) == 2 * 7 * 9 * 3 and paper.launcher.nproc == 8
+    # the paper's setting: one GPU per cell (BatchNorm and the step over 2048 rows), eight cells at once
+    assert len(sweep_spec.plan_cells(paper)) == 2 * 7 * 9 * 3 and (paper.launcher.nproc, paper.launcher.parallel) == (1, 8)
     assert paper.paper_datasets() == {"criteo": "criteo", "avazu": "avazu"}
     for spec in (small, paper):
         sweep_spec.check_models(set(spec.models))  # all seven models are in the trainer
@@ -423,9 +424,10 @@ def test_shipped_specs_resolve_for_every_cell():
         configs = [sweep_spec.resolve_cell_config(spec, c, spec.output) for c in cells[: len(cells) // len(spec.seeds)]]
         assert {c["embedding"]["base_dim"] for c in configs if c["model"]["name"] == "nfwfm"} == {50}
     cfg = sweep_spec.resolve_cell_config(paper, sweep_spec.plan_cells(paper)[0], paper.output)
-    assert cfg["optim"]["embedding"] == "adam" and cfg["train"]["batch_size"] * paper.launcher.nproc == 2048
+    assert cfg["recipe"] == "paper" and cfg["optim"]["embedding"] == "dense_adam"
+    assert cfg["train"]["batch_size"] == 2048 and cfg["model"]["nfwfm_pairs"] == "all"
     cmd = sweep_spec.cell_command(paper, sweep_spec.plan_cells(paper)[0], "out")
-    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "--max-restarts"]
+    assert cmd[1:3] == ["-m", "trainer.main"]
 
 
 def test_torchx_component():

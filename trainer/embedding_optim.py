@@ -1,10 +1,19 @@
 """The embedding optimizer: fused into FBGEMM's kernels, and row-sparse where it is not.
 
 ``embedding_optimizer(name, device, ...)`` checks the name against what the device runs
-(CPU: ``sgd, adagrad, rowwise_adagrad``; CUDA adds ``adam``, the paper's) and
+(CPU: ``sgd, adagrad, rowwise_adagrad, dense_adam``; CUDA adds ``adam``) and
 ``apply_embedding_optimizer`` attaches it to the tables TorchRec's way, before planning
 and sharding. ``combined_optimizer`` then gives one keyed optimizer over the sharded
 model: the fused tables, the replicated (``data_parallel``) tables, the dense layers.
+
+``dense_adam`` is the paper's recipe (thuml/Multi-Embedding ``main.py``): one torch Adam with
+coupled L2 weight decay over every parameter, whole tables included, so every row moves
+every step (its momentum and its decay act on rows the batch did not look up). FBGEMM has
+no such kernel: every table is planned ``data_parallel`` (``trainer.sharding``; DDP
+all-reduces the dense table gradients) and stepped here by ``torch.optim.Adam(fused=True)``
+(torch's one-kernel-a-tensor Adam: the default update, ~6x faster on CPU). Cost: a dense
+gradient, all-reduce and Adam update of every table every step, and 2 table-sized state
+tensors per table (``bench/bench_embedding_optim.py``).
 
 Replicated tables are stepped the way FBGEMM's fused kernels step the others: sparsely.
 A sharded table is updated inside the FBGEMM backward, which only touches the rows the
@@ -50,22 +59,28 @@ class EmbeddingOptimizer:
 
     name: str
     optimizer_class: type[torch.optim.Optimizer]
-    emb_opt_type: EmbOptimType
+    emb_opt_type: EmbOptimType | None  # None: no fused kernel (dense)
     kwargs: Mapping[str, Any]
     dropped_weight_decay: float = 0.0  # asked for, but the device's fused kernels cannot apply it
 
+    @property
+    def dense(self) -> bool:
+        """Steps whole replicated tables, every row every step (no fused kernel)."""
+        return self.emb_opt_type is None
 
-# name -> (torch optimizer class, FBGEMM type, takes eps, devices that run it fused)
-_EMBEDDING_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], EmbOptimType, bool, tuple[str, ...]]] = {
+
+# name -> (torch optimizer class, FBGEMM type (None: dense, no fused kernel), takes eps, devices that run it)
+_EMBEDDING_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], EmbOptimType | None, bool, tuple[str, ...]]] = {
     "sgd": (torch.optim.SGD, EmbOptimType.EXACT_SGD, False, ("cpu", "cuda")),
     "adagrad": (torch.optim.Adagrad, EmbOptimType.EXACT_ADAGRAD, True, ("cpu", "cuda")),
     "rowwise_adagrad": (RowWiseAdagrad, EmbOptimType.EXACT_ROWWISE_ADAGRAD, True, ("cpu", "cuda")),
     "adam": (torch.optim.Adam, EmbOptimType.ADAM, True, ("cuda",)),
+    "dense_adam": (torch.optim.Adam, None, True, ("cpu", "cuda")),
 }
 
 
 def device_embedding_optimizers(device: torch.device) -> list[str]:
-    """The fused embedding optimizers ``device`` can run."""
+    """The embedding optimizers ``device`` can run."""
     return [name for name, (*_, devices) in _EMBEDDING_OPTIMIZERS.items() if device.type in devices]
 
 
@@ -78,11 +93,12 @@ def embedding_optimizer(
 ) -> EmbeddingOptimizer:
     """Validate ``name`` against ``device`` and return the fused optimizer to apply.
 
-    ``eps`` is used by adagrad, rowwise_adagrad and adam. ``weight_decay`` is L2 on the rows
-    a step looks up, as FBGEMM's CUDA kernels apply it (``WeightDecayMode.L2``, see
-    ``sharders``). FBGEMM's CPU kernels ignore weight decay (checked: the same update with
+    ``eps`` is used by adagrad, rowwise_adagrad, adam and dense_adam. ``weight_decay`` is L2
+    on the rows a step looks up, as FBGEMM's CUDA kernels apply it (``WeightDecayMode.L2``,
+    see ``sharders``). FBGEMM's CPU kernels ignore weight decay (checked: the same update with
     0.05 as with 0, fbgemm-gpu 1.4), so on CPU it is dropped for every table, replicated
     ones included, and reported in ``dropped_weight_decay`` for the caller to say so.
+    ``dense_adam`` is torch's Adam: coupled L2 on every row, on any device.
     """
     if name not in _EMBEDDING_OPTIMIZERS:
         raise UserError(f"embedding optimizer {name!r}: expected one of {list(_EMBEDDING_OPTIMIZERS)}")
@@ -94,17 +110,22 @@ def embedding_optimizer(
         )
     if not lr > 0:
         raise UserError(f"embedding optimizer lr {lr!r}: expected a positive number")
-    dropped = weight_decay if device.type == "cpu" else 0.0
+    dropped = weight_decay if device.type == "cpu" and emb_opt_type is not None else 0.0
     kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay - dropped}
     if takes_eps:
         kwargs["eps"] = eps
+    if emb_opt_type is None:  # torch's fused Adam: the same update in one kernel a table (CPU: ~6x the per-tensor loop)
+        kwargs["fused"] = True
     return EmbeddingOptimizer(name, optimizer_class, emb_opt_type, kwargs, dropped)
 
 
 def apply_embedding_optimizer(model: nn.Module, optimizer: EmbeddingOptimizer) -> None:
     """Attach ``optimizer`` to the embedding tables, TorchRec's way: it runs in backward
     (unsharded: a torch optimizer per table; sharded: fused into the FBGEMM kernels, exposed
-    as ``DistributedModelParallel.fused_optimizer``). Call before planning and sharding."""
+    as ``DistributedModelParallel.fused_optimizer``). Call before planning and sharding.
+    A dense optimizer attaches nothing: ``combined_optimizer`` steps its replicated tables."""
+    if optimizer.dense:
+        return
     _apply_optimizer_in_backward(
         optimizer.optimizer_class, find_sparse_arch(model)[1].parameters(), dict(optimizer.kwargs)
     )
@@ -123,6 +144,7 @@ def combined_optimizer(
       parameters (DDP all-reduces their gradients, no fused kernel): stepped by the
       embedding optimizer's torch class with the fused kernels' row-sparse semantics
       (``row_sparse_optimizer`` below), so every table trains the same wherever it lives;
+      a dense optimizer (``dense_adam``: every table is replicated) steps them whole;
     - ``dense``: everything else, by ``dense_factory`` (e.g. ``lambda p: Adam(p, lr=1e-3)``).
     """
     prefix, arch = find_sparse_arch(sharded.module)
@@ -130,6 +152,11 @@ def combined_optimizer(
     unfused = dict(in_backward_optimizer_filter(sharded.named_parameters()))
     replicated = {k: p for k, p in unfused.items() if k in table_keys}
     dense = {k: p for k, p in unfused.items() if k not in table_keys}
+    if embedding.dense and len(replicated) != len(table_keys):
+        raise ValueError(
+            f"embedding optimizer {embedding.name} steps replicated tables only, and the plan shards "
+            f"{sorted(table_keys - set(replicated))[:3]}...: plan every table data_parallel (trainer.sharding)"
+        )
     optims: list[tuple[str, KeyedOptimizer]] = [
         ("fused", sharded.fused_optimizer),
         ("dense", KeyedOptimizerWrapper(dense, dense_factory)),
@@ -139,7 +166,10 @@ def combined_optimizer(
             (
                 "replicated_tables",
                 KeyedOptimizerWrapper(
-                    replicated, lambda params: row_sparse_optimizer(embedding.optimizer_class, params, dict(embedding.kwargs))
+                    replicated,
+                    (lambda params: embedding.optimizer_class(params, **embedding.kwargs))
+                    if embedding.dense
+                    else (lambda params: row_sparse_optimizer(embedding.optimizer_class, params, dict(embedding.kwargs))),
                 ),
             )
         )

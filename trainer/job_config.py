@@ -1,11 +1,12 @@
 """The training job's config: one YAML file of sections, checked at load time.
 
+    recipe:    industrial (the keys' defaults) or paper (presets the authors' training, ``RECIPES``)
     data:      the prepared dataset
     run:       where the run directory goes, which device
     model:     the interaction tower (``ModelConfig``)
     embedding: SE/ME, scale, base dim (``EmbeddingConfig``; shapes in ``trainer.table_layout``)
     train:     epochs, batch size, seed, evaluation / checkpoint cadence, early stopping
-    optim:     the fused embedding optimizer and the dense Adam
+    optim:     the embedding optimizer (fused and lazy, or dense_adam) and the dense Adam
     sharding:  planner constraints (``ShardingConfig``)
     monitoring: collapse monitoring cadence, Prometheus export
 
@@ -41,8 +42,13 @@ COMPUTE_KERNELS = ("auto", "fused", "fused_uvm_caching")
 EMBEDDING_DATA_TYPES = ("fp32", "fp16")
 # autocast of the dense part of the forward (the embedding lookup stays in the tables' type)
 DENSE_AUTOCASTS = ("none", "bf16")
+# initial tables: uniform = U(+-sqrt(1/cardinality)) per table (TorchRec's default); xavier_concat =
+# the authors': Xavier-uniform over one set's concatenated vocabulary, U(+-sqrt(6/(sum of cardinalities + dim)))
+EMBEDDING_INITS = ("uniform", "xavier_concat")
 # the models of trainer.model.interactions.INTERACTIONS (tests/test_model_zoo.py keeps the two equal)
 MODEL_NAMES = ("dnn", "dcnv2", "ipnn", "nfwfm", "xdeepfm", "finalmlp", "autoint")
+# NFwFM field pairs: all F x F ordered pairs with the diagonal (the reference) | i < j only
+NFWFM_PAIRS = ("all", "upper")
 
 
 def _require_positive_ints(config: object, section: str, names: tuple[str, ...], hint: str = "") -> None:
@@ -63,8 +69,15 @@ class EmbeddingConfig:
     data_type: str = field(
         default="fp32", metadata={"doc": "storage of the embedding tables: fp32, or fp16 (half the memory; lookups return fp32)"}
     )
+    init: str = field(
+        default="uniform",
+        metadata={"doc": "initial tables: uniform (U(+-sqrt(1/cardinality)) per table) or xavier_concat (the paper's: "
+                         "U(+-sqrt(6/(sum of all fields' cardinalities + dim))) for every table)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.init not in EMBEDDING_INITS:
+            raise UserError(f"embedding.init {self.init!r}: expected one of {list(EMBEDDING_INITS)}")
         if self.mode not in EMBEDDING_MODES:
             raise UserError(f"embedding mode {self.mode!r}: expected one of {list(EMBEDDING_MODES)}")
         if self.data_type not in EMBEDDING_DATA_TYPES:
@@ -97,6 +110,11 @@ class ModelConfig:
     - ``tower_layers``: the depth of each FinalMLP tower, of width ``hidden`` (2).
     - ``attention_dim``, ``attention_heads``, ``attention_layers``: AutoInt's
       self-attention width (divisible by the heads), heads and layers (64, 2, 3).
+    - ``nfwfm_pairs``: NFwFM's field pairs, ``"all"`` F x F ordered pairs with the
+      diagonal (the reference) or ``"upper"`` (i < j, one weight per unordered pair).
+
+    ``sync_batchnorm`` makes every BatchNorm of the dense model normalise over the
+    global batch (all ranks) instead of each rank's own rows.
     """
 
     name: str = field(default="dcnv2", metadata={"doc": "the model: " + ", ".join(MODEL_NAMES)})
@@ -108,10 +126,20 @@ class ModelConfig:
     attention_dim: int = field(default=64, metadata={"doc": "autoint: self-attention width (divisible by attention_heads)"})
     attention_heads: int = field(default=2, metadata={"doc": "autoint: attention heads"})
     attention_layers: int = field(default=3, metadata={"doc": "autoint: self-attention layers"})
+    nfwfm_pairs: str = field(
+        default="all",
+        metadata={"doc": 'nfwfm: field pairs, "all" (F x F ordered pairs and the diagonal, the reference) or "upper" (i < j)'},
+    )
+    sync_batchnorm: bool = field(
+        default=False,
+        metadata={"doc": "BatchNorm statistics over the global batch (all ranks), not each rank's rows; one all-reduce per BN"},
+    )
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
             raise UserError(f"model {self.name!r}: expected one of {sorted(MODEL_NAMES)}")
+        if self.nfwfm_pairs not in NFWFM_PAIRS:
+            raise UserError(f"model nfwfm_pairs {self.nfwfm_pairs!r}: expected one of {list(NFWFM_PAIRS)}")
         _require_positive_ints(
             self, "model", ("hidden", "cross_layers", "tower_layers", "attention_dim", "attention_heads", "attention_layers")
         )
@@ -261,12 +289,17 @@ class TrainSection:
 @dataclass(frozen=True)
 class OptimConfig:
     embedding: str = field(
-        default="rowwise_adagrad", metadata={"doc": "fused embedding optimizer: sgd, adagrad, rowwise_adagrad; adam on CUDA (the paper's)"}
+        default="rowwise_adagrad",
+        metadata={"doc": "embedding optimizer: sgd, adagrad, rowwise_adagrad (fused, lazy: only looked-up rows change); "
+                         "adam (fused, lazy, CUDA only); dense_adam (the paper's: torch Adam over whole replicated tables, "
+                         "every row moves every step; every table data_parallel)"},
     )
     embedding_lr: float = field(default=0.05, metadata={"doc": "learning rate of the embedding optimizer"})
     dense_lr: float = field(default=1e-3, metadata={"doc": "learning rate of the dense Adam (1e-3 as the paper)"})
     weight_decay: float = field(
-        default=1e-6, metadata={"doc": "dense Adam; the embedding tables too on CUDA (L2 on looked-up rows; CPU kernels have none)"}
+        default=1e-6,
+        metadata={"doc": "coupled L2 of the dense Adam and the embedding optimizer: fused kernels apply it to the looked-up "
+                         "rows on CUDA only (CPU kernels have none), dense_adam to every row on any device"},
     )
     eps: float = field(default=1e-8, metadata={"doc": "epsilon of the embedding optimizer (adagrad, rowwise_adagrad, adam)"})
 
@@ -315,6 +348,11 @@ class MonitoringConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(metadata={"doc": "the prepared dataset"})
+    recipe: str = field(
+        default="industrial",
+        metadata={"doc": "industrial (the keys' own defaults) or paper (the authors' training: presets the keys of "
+                         "RECIPES['paper'] in trainer/job_config.py that the config does not set itself)"},
+    )
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "where the run directory goes, which device"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the interaction tower and its MLPs"})
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig, metadata={"doc": "SE/ME, scale, base dim"})
@@ -322,13 +360,125 @@ class TrainConfig:
         default_factory=TrainSection,
         metadata={"doc": "epochs, batch size, seed, evaluation / checkpoint cadence, early stopping"},
     )
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "the fused embedding optimizer and the dense Adam"})
+    optim: OptimConfig = field(
+        default_factory=OptimConfig, metadata={"doc": "the embedding optimizer (fused and lazy, or dense_adam) and the dense Adam"}
+    )
     sharding: ShardingConfig = field(default_factory=ShardingConfig, metadata={"doc": "constraints on TorchRec's sharding plan"})
     monitoring: MonitoringConfig = field(
         default_factory=MonitoringConfig, metadata={"doc": "collapse monitoring cadence, Prometheus export"}
     )
 
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise UserError(f"recipe {self.recipe!r}: expected one of {list(RECIPES)}")
+        if self.optim.embedding == "dense_adam":
+            _check_dense_tables(self)
+
+
+def _check_dense_tables(config: TrainConfig) -> None:
+    """``optim.embedding: dense_adam`` steps whole tables with a torch Adam, which only a
+    replicated (``data_parallel``) fp32 table is: refuse a sharding or storage choice that
+    rules that out, naming the key."""
+    s = config.sharding
+    for where, types in s._type_lists():
+        if types and "data_parallel" not in types:  # sharding_types [] = every type, data_parallel included
+            raise UserError(
+                f"optim.embedding 'dense_adam' steps whole tables with a torch Adam, so every table is data_parallel "
+                f"(replicated); sharding {where} {list(types)} rules that out: add data_parallel or use a fused optimizer "
+                "(sgd, adagrad, rowwise_adagrad, adam)"
+            )
+    if s.compute_kernel != "auto":
+        raise UserError(
+            f"optim.embedding 'dense_adam' keeps every table data_parallel, whose kernel is dense: "
+            f"sharding.compute_kernel {s.compute_kernel!r} needs a sharded table; use auto"
+        )
+    if config.embedding.data_type != "fp32":
+        raise UserError(
+            f"optim.embedding 'dense_adam' steps the tables with a torch Adam, which {config.embedding.data_type} "
+            "underflows (eps 1e-8 is 0 in fp16): use embedding.data_type fp32"
+        )
+
+
+# ---- recipes ------------------------------------------------------------------------------
+# A recipe presets keys the config does not set itself (in its file or with --set): an explicit
+# key wins, and the trainer logs each key that departs from its recipe (``recipe_departures``).
+# The run directory's config.yaml records the resolved config, every key, as it ran.
+# the paper's batch: the rows of one gradient step and of one BatchNorm normalisation
+PAPER_BATCH_ROWS = 2048
+RECIPES: dict[str, dict[str, object]] = {
+    # the keys' own defaults: lazy fused embedding optimizers, per-table uniform init
+    "industrial": {},
+    # the authors' (thuml/Multi-Embedding main.py, torchfm/layer.py): one torch Adam, lr 1e-3 and
+    # coupled L2 1e-6, over every parameter, whole tables included; Xavier-uniform over each set's
+    # concatenated vocabulary; NFwFM over all F x F field pairs; BatchNorm over 2048 rows.
+    "paper": {
+        "optim.embedding": "dense_adam",
+        "optim.embedding_lr": 1e-3,
+        "optim.dense_lr": 1e-3,
+        "optim.weight_decay": 1e-6,
+        "embedding.init": "xavier_concat",
+        "model.nfwfm_pairs": "all",
+        "model.sync_batchnorm": True,
+        "train.batch_size": PAPER_BATCH_ROWS,
+        "train.patience": 3,
+    },
+}
+# ``schema.json`` ``recipe.train_order`` of a prepared dataset: global_shuffle (preprocess
+# --shuffle-train), iid (synthetic rows), file (the raw file's order; datasets without the key)
+SHUFFLED_TRAIN_ORDERS = ("global_shuffle", "iid")
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply ``key=value`` overrides; clear errors for unknown keys and bad values."""
-    return typed_yaml.load(TrainConfig, path, list(overrides))
+    """Read a YAML config, apply ``key=value`` overrides, then the presets of its ``recipe``
+    for the keys it leaves unset; clear errors for unknown keys and bad values."""
+    raw = typed_yaml.read(path, list(overrides))
+    recipe = raw.get("recipe", "industrial")
+    presets = RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}  # a bad recipe: build names it
+    return typed_yaml.build(TrainConfig, typed_yaml.with_presets(raw, presets), where=str(path or "config"))
+
+
+def _value(config: object, dotted: str) -> object:
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def recipe_departures(config: TrainConfig) -> list[tuple[str, object, object]]:
+    """(key, value, the recipe's value) of every key the config sets against its recipe."""
+    return [
+        (key, _value(config, key), preset)
+        for key, preset in RECIPES[config.recipe].items()
+        if _value(config, key) != preset
+    ]
+
+
+def check_recipe_data(config: TrainConfig, train_order: str, dataset: str) -> None:
+    """UserError when ``recipe: paper`` meets a training split in the raw file's order
+    (``train_order``: the dataset's ``schema.json`` ``recipe.train_order``, "file" without one)."""
+    if config.recipe == "paper" and train_order not in SHUFFLED_TRAIN_ORDERS:
+        raise UserError(
+            f"recipe 'paper' trains on a globally shuffled training split (the authors shuffle the whole data set "
+            f"once); {dataset} keeps its raw files' order (schema.json recipe.train_order {train_order!r}, Criteo is "
+            "in time order): prepare it again with `python -m trainer.data.preprocess ... --shuffle-train`, "
+            "or set recipe: industrial"
+        )
+
+
+def recipe_warnings(config: TrainConfig, world_size: int) -> list[str]:
+    """What keeps a ``recipe: paper`` run on ``world_size`` ranks from the paper's batch:
+    2048 rows per gradient step, BatchNorm over the same 2048 rows."""
+    if config.recipe != "paper":
+        return []
+    batch = config.train.batch_size
+    notes = []
+    if batch * world_size != PAPER_BATCH_ROWS:
+        notes.append(
+            f"recipe paper: a step sees train.batch_size {batch} x {world_size} rank(s) = {batch * world_size} rows, "
+            f"the paper's {PAPER_BATCH_ROWS}: set train.batch_size so that it times the ranks is {PAPER_BATCH_ROWS}"
+        )
+    if world_size > 1 and not config.model.sync_batchnorm:
+        notes.append(
+            f"recipe paper: model.sync_batchnorm is false, so BatchNorm normalises over each rank's {batch} rows, "
+            f"not the step's {batch * world_size}: set model.sync_batchnorm=true"
+        )
+    return notes

@@ -31,7 +31,8 @@ torchrec 1.9.2): DMP does not copy the unsharded tables into the shards, it re-i
 them (``shard_model`` therefore redraws every shard from the model's seed); the sharded
 collection's output keys come in another order (the sparse arch assembles by key);
 ``data_parallel`` tables get no fused kernel and no in-backward optimizer, they are dense
-DDP parameters (``trainer.embedding_optim.combined_optimizer`` steps them row-sparse).
+DDP parameters (``trainer.embedding_optim.combined_optimizer`` steps them row-sparse, or
+whole under ``optim.embedding: dense_adam``, which plans every table ``data_parallel``).
 """
 
 from __future__ import annotations
@@ -160,10 +161,16 @@ def check_sharding_config(config: ShardingConfig, tables: Sequence[TableInfo], d
 
 
 def build_constraints(
-    config: ShardingConfig, tables: Sequence[TableInfo], device: torch.device, data_type: str = "fp32"
+    config: ShardingConfig,
+    tables: Sequence[TableInfo],
+    device: torch.device,
+    data_type: str = "fp32",
+    replicate_tables: bool = False,
 ) -> dict[str, ParameterConstraints]:
     """Table name -> the planner's constraints for it.
 
+    ``replicate_tables``: every table ``data_parallel`` (a dense embedding optimizer,
+    ``dense_adam``, steps whole replicas); constraints that rule it out are refused.
     fp16 tables are never ``data_parallel``: a replicated table is a dense parameter stepped
     by a torch optimizer, which in fp16 underflows (eps 1e-8 is 0 in fp16: the loss turns
     NaN within ten steps, checked on CPU); FBGEMM's fused kernels keep fp16 tables finite."""
@@ -171,6 +178,13 @@ def build_constraints(
     constraints = {}
     for t in tables:
         types = allowed_sharding_types(config, t, device)
+        if replicate_tables:
+            if "data_parallel" not in types:
+                raise UserError(
+                    f"table {t.table}: optim.embedding dense_adam replicates every table (data_parallel), "
+                    f"and the sharding constraints allow it only {types}"
+                )
+            types = ["data_parallel"]
         if data_type == "fp16":
             if types == ["data_parallel"]:
                 raise UserError(
@@ -242,6 +256,7 @@ def plan_sharding(
     batch_size: int | None = None,
     pg: dist.ProcessGroup | None = None,
     local_world_size: int | None = None,
+    replicate_tables: bool = False,
 ) -> ShardingPlan:
     """Plan where every table of ``model`` (a ``MultiEmbeddingCTR`` or a module wrapping
     one) lives on ``world_size`` ranks of ``device``'s type.
@@ -249,8 +264,8 @@ def plan_sharding(
     With ``pg`` the plan is made on rank 0 and broadcast (every rank must call this); without
     it the plan is made locally (tests, dry runs). ``local_world_size`` is the ranks per
     host (default: all on one host); ``batch_size`` the per-rank batch, for the planner's
-    estimates. Call ``apply_embedding_optimizer`` first so the planner counts the
-    optimizer state.
+    estimates; ``replicate_tables``: every table ``data_parallel`` (``dense_adam``). Call
+    ``apply_embedding_optimizer`` first so the planner counts the optimizer state.
     """
     tables = find_sparse_arch(model)[1].tables
     hbm_cap, ddr_cap = memory_caps(config, device)
@@ -266,7 +281,7 @@ def plan_sharding(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=build_constraints(config, tables, device, find_sparse_arch(model)[1].data_type),
+        constraints=build_constraints(config, tables, device, find_sparse_arch(model)[1].data_type, replicate_tables),
         debug=False,
     )
 

@@ -35,7 +35,7 @@ from trainer.dist_context import DistContext
 from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
 from trainer.errors import UserError
 from trainer.eval_metrics import binary_metrics, gather, undefined_metrics
-from trainer.job_config import TrainConfig
+from trainer.job_config import TrainConfig, check_recipe_data, recipe_departures, recipe_warnings
 from trainer.model.ctr_model import MultiEmbeddingCTR, TrainModule
 from trainer.plan_table import render_plan
 from trainer.run_dir import RunDir
@@ -78,12 +78,25 @@ def model_identity(config: TrainConfig, schema: DatasetSchema) -> dict[str, Any]
     embedding = dataclasses.asdict(config.embedding)
     if embedding.get("data_type") == "fp32":
         del embedding["data_type"]  # the default: identities (checkpoints) written before the key existed still match
+    del embedding["init"]  # the initial values: a checkpoint replaces them
     identity = {
         "model": dataclasses.asdict(config.model),
         "embedding": embedding,
         "fields": [[f.name, f.cardinality] for f in schema.sparse_fields],
     }
+    pooling = {f.name: f.pooling for f in schema.sparse_fields if f.pooling != "sum"}
+    if pooling:  # only then: identities (checkpoints) written before multi-hot fields still match
+        identity["pooling"] = pooling
     return json.loads(json.dumps(identity))
+
+
+def dataset_record(path: str, schema: DatasetSchema) -> dict[str, Any]:
+    """What a checkpoint records of its training data (``meta.json`` ``dataset``): where it was,
+    and its schema's facts (fields with their max_length and pooling, dense fields, split rows,
+    the recipe that made it, e.g. the dataset spec), for an export that no longer finds the data."""
+    record = json.loads(schema.to_json())
+    record["splits"] = {name: {"rows": s.rows} for name, s in schema.splits.items()}
+    return {"path": path, "schema": record}
 
 
 def autocast_dense(model: MultiEmbeddingCTR, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -110,8 +123,10 @@ class Trainer:
         for split in ("train", "val", "test"):
             if self.schema.splits.get(split, None) is None or self.schema.splits[split].rows == 0:
                 raise UserError(f"{config.data.path}: the dataset has no {split!r} rows")
-        if ctx.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+        check_recipe_data(config, str(self.schema.recipe.get("train_order", "file")), config.data.path)
+        if ctx.device.type == "cpu":  # the cores this process may use (a cpuset, taskset), shared by this host's ranks
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // ctx.local_world_size))
         self.identity = model_identity(config, self.schema)
         self.progress = Progress(world_size=ctx.world_size, batch_size=config.train.batch_size)
         self._last_collapse_step = -1
@@ -134,6 +149,11 @@ class Trainer:
         c, ctx = self.config, self.ctx
         # what the device cannot run is refused before anything is read, planned or written
         check_device_support(c, ctx.device)
+        if ctx.is_main:
+            for key, value, preset in recipe_departures(c):
+                log.info("recipe %s: %s is %r as configured (the recipe's value: %r)", c.recipe, key, value, preset)
+            for note in recipe_warnings(c, ctx.world_size):
+                log.warning("%s", note)
         # the loaders first: they check the data's ids against the schema before anything is built
         self.train_loader = self._loader("train", shuffle=True)
         self.eval_loaders = {s: self._loader(s, shuffle=False) for s in ("val", "test")}
@@ -156,15 +176,17 @@ class Trainer:
         apply_embedding_optimizer(module, emb_opt)
         pg = torch.distributed.group.WORLD
         plan = plan_sharding(
-            module, c.sharding, ctx.world_size, ctx.device, c.train.batch_size, pg, ctx.local_world_size
-        )
+            module, c.sharding, ctx.world_size, ctx.device, c.train.batch_size, pg, ctx.local_world_size,
+            replicate_tables=emb_opt.dense,
+        )  # fmt: skip
         # written by main once a resumed checkpoint is known to fit (a refused resume leaves the run dir as it was)
         self.plan_text = render_plan(plan, model.sparse_arch.tables, ctx.world_size)
         self.model = shard_model(module, plan, ctx.device, pg)
         self.optimizer = combined_optimizer(
             self.model,
             emb_opt,
-            lambda params: torch.optim.Adam(params, lr=c.optim.dense_lr, weight_decay=c.optim.weight_decay),
+            # fused: one pass per tensor (CPU and CUDA kernels); the for-loop Adam's formula, last-bit rounding aside
+            lambda params: torch.optim.Adam(params, lr=c.optim.dense_lr, weight_decay=c.optim.weight_decay, fused=True),
         )
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device, execute_all_batches=True)
 
@@ -204,7 +226,11 @@ class Trainer:
     def save(self) -> None:
         self._sync_buffers()
         self._check_finite_weights()
-        meta = {"progress": dataclasses.asdict(self.progress), "identity": self.identity}
+        meta = {
+            "progress": dataclasses.asdict(self.progress),
+            "identity": self.identity,
+            "dataset": dataset_record(self.config.data.path, self.schema),
+        }
         url = dcp_io.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
         keep = {self.progress.step, self.progress.best_step}
         dcp_io.prune(self.run_dir.checkpoints, keep)

@@ -5,12 +5,15 @@ valid ones, a value of the wrong type (or a NaN or infinite number) names its
 dotted key, and a missing required key says so. ``--set a.b=value`` overrides
 are parsed as YAML scalars (``train.epochs=3``, ``sharding.sharding_types=[table_wise]``).
 Every field documents itself in one line (``metadata={"doc": ...}``): ``keys_help(cls)``
-lists the keys with their types and defaults for a CLI's ``--help``.
+lists the keys with their types and defaults for a CLI's ``--help``. ``read`` (the raw
+mapping), ``with_presets`` (fill the keys it leaves unset, e.g. a recipe's) and ``build``
+are the steps of ``load``, for a loader that presets keys.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import json
 import math
@@ -30,6 +33,11 @@ T = TypeVar("T")
 
 def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Read ``path`` (YAML; None = defaults only), apply ``key=value`` overrides, build ``cls``."""
+    return build(cls, read(path, overrides), where=str(path or "config"))
+
+
+def read(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The raw mapping of ``path`` (YAML; None = empty) with the ``key=value`` overrides applied."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -47,7 +55,27 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
         _assign(raw, key.strip().split("."), yaml.safe_load(value) if value else "")
-    return build(cls, raw, where=str(path or "config"))
+    return raw
+
+
+def with_presets(raw: dict[str, Any], presets: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with each dotted key of ``presets`` (``"optim.embedding_lr"``) set
+    where ``raw`` does not set it: a key given in the file or by ``--set`` wins. An empty
+    section (``model:``) is filled like a missing one; a section that is not a mapping is
+    left as it is (``build`` names the error)."""
+    out = copy.deepcopy(raw)
+    for dotted, value in presets.items():
+        *sections, key = dotted.split(".")
+        node: Any = out
+        for section in sections:
+            if not isinstance(node, dict):
+                break
+            if node.get(section) is None:
+                node[section] = {}
+            node = node[section]
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+    return out
 
 
 def _assign(raw: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -207,7 +235,9 @@ def keys_help(cls: type, width: int = 100) -> str:
     """The keys of ``cls`` for a CLI's help epilog, grouped by section, one key a paragraph:
     ``  train.epochs (int, default 10): how many passes over the train split``."""
     lines: list[str] = []
-    for k in describe(cls):
+    keys = describe(cls)
+    top = [k for k in keys if not k.is_section and "." not in k.key]  # top-level keys first, before any section
+    for k in top + [k for k in keys if k not in top]:
         if k.is_section:
             lines += ["", f"{k.key}: {k.doc}" if k.doc else f"{k.key}:"]
             continue

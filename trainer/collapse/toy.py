@@ -1,11 +1,13 @@
 """The paper's interaction-collapse toy experiment (Section 4, Evidence II, Figure 4).
 
-Two fields interact FM-style, ``logit = <E1[i], E2[j]>``. E2 is fixed: either
-low-information-abundance (rank ``low_rank``) or random full rank. E1 is trained
-by full-batch gradient descent on labels from a random full-rank ground truth.
-Every gradient of E1 is a combination of E2's rows, so when E2 spans few
-directions E1's updates do too: E1 ends up collapsed. The finding: interacting
-with a low-IA field lowers a field's IA.
+Three fields interact FM-style, ``logit = <E1[x1], E2[x2]> + <E1[x1], E3[x3]> + <E2[x2], E3[x3]>``.
+The data: every (x1, x2) of ``rows x rows`` once, each with a random x3 of field 3 and a
+random label (the appendix: full-batch SGD, learning rate 1, 5000 iterations). All three
+tables are learned jointly from a small random start. Field 3 has either fewer ids than
+the embedding dim (``partner_rows < dim``: its table has at most that rank) or as many as
+field 1. Nothing bounds E1: its gradient combines E2's rows (full rank) with E3's, so
+whether a low-cardinality partner leaves E1 with a lower information abundance is an
+outcome of the training, the paper's Finding 1 if it holds.
 """
 
 from __future__ import annotations
@@ -16,54 +18,71 @@ import torch
 
 from trainer.collapse.analysis import information_abundance
 
+PAPER_STEPS = 5000  # the paper's iteration count (its appendix)
+
 
 @dataclass(frozen=True)
 class ToyResult:
-    fixed_rank: int  # rank of the fixed partner E2 (= dim for full rank)
-    partner_ia: float  # IA of E2
-    trained_ia: float  # IA of E1 after training
+    partner_rows: int  # cardinality of field 3
     initial_ia: float  # IA of E1 at initialisation
+    trained_ia: float  # IA of E1 after training
+    partner_ia: float  # IA of E3 after training
+    curve: tuple[tuple[int, float], ...]  # (step, IA of E1), every ``steps // 10`` steps
+    final_loss: float
     trained: torch.Tensor  # E1 after training, (rows, dim)
 
 
 def interaction_collapse_toy(
-    fixed_rank: int | None,
+    partner_rows: int,
     rows: int = 100,
     dim: int = 10,
-    steps: int = 300,
+    steps: int = PAPER_STEPS,
     lr: float = 1.0,
-    init_scale: float = 0.1,
+    init_std: float = 0.01,
     seed: int = 0,
 ) -> ToyResult:
-    """Train E1 (rows x dim) against a fixed E2 of rank ``fixed_rank`` (None: full rank).
+    """Train E1, E2 (``rows`` x ``dim``) and E3 (``partner_rows`` x ``dim``) jointly by
+    full-batch SGD on the mean logistic loss; E1's IA before, during and after.
 
-    The ground truth is a random full-rank FM over the same rows, the data every
-    (i, j) pair once (full batch), the loss logistic. E1 starts small
-    (``init_scale`` times the model's U(+-sqrt(1/rows)) init), so what it holds
-    after training is what it learned.
+    The data and the start (N(0, ``init_std``) tables) depend only on ``seed`` and the
+    sizes, so two ``partner_rows`` with the same seed share E1's and E2's start and labels.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tables of (100, 10): a second thread only adds synchronisation
+    try:
+        return _train(partner_rows, rows, dim, steps, lr, init_std, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(partner_rows: int, rows: int, dim: int, steps: int, lr: float, init_std: float, seed: int) -> ToyResult:
     g = torch.Generator().manual_seed(seed)
-    truth1, truth2 = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
-    labels = torch.bernoulli(torch.sigmoid(truth1 @ truth2.T / dim**0.5), generator=g)  # (rows, rows)
-    partner = torch.randn(rows, dim, generator=g)
-    if fixed_rank is not None and fixed_rank < dim:
-        u, s, vh = torch.linalg.svd(partner, full_matrices=False)
-        partner = (u[:, :fixed_rank] * s[:fixed_rank]) @ vh[:fixed_rank]
-    partner = partner / partner.norm(dim=1, keepdim=True).mean()
-    bound = init_scale * (1.0 / rows) ** 0.5
-    e1 = (torch.rand(rows, dim, generator=g) * 2 - 1) * bound
+    labels = torch.randint(0, 2, (rows, rows), generator=g).float()  # (x1, x2) -> y
+    x3 = torch.randint(0, partner_rows, (rows, rows), generator=g)  # (x1, x2) -> x3
+    e1, e2 = (torch.randn(rows, dim, generator=g) * init_std for _ in range(2))
+    e3 = torch.randn(partner_rows, dim, generator=torch.Generator().manual_seed(seed + 1)) * init_std
     initial_ia = information_abundance(e1.numpy())
-    e1.requires_grad_(True)
-    for _ in range(steps):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(e1 @ partner.T, labels)
-        (grad,) = torch.autograd.grad(loss, e1)
+    tables = [t.requires_grad_(True) for t in (e1, e2, e3)]
+    curve = []
+    for step in range(steps + 1):
+        if step % max(1, steps // 10) == 0 or step == steps:
+            curve.append((step, information_abundance(e1.detach().numpy())))
+        if step == steps:
+            break
+        # (rows, rows): <E1[x1], E2[x2]> + <E1[x1], E3[x3]> + <E2[x2], E3[x3]>, the last two
+        # gathered from the (rows, partner_rows) products at each pair's x3
+        logits = e1 @ e2.T + (e1 @ e3.T).gather(1, x3) + (e2 @ e3.T).gather(1, x3.T).T
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        grads = torch.autograd.grad(loss, tables)
         with torch.no_grad():
-            e1 -= lr * rows * grad  # full-batch GD, the gradient per row not diluted by the table size
-    trained = e1.detach()
+            for t, grad in zip(tables, grads):
+                t -= lr * grad
     return ToyResult(
-        fixed_rank=fixed_rank or dim,
-        partner_ia=information_abundance(partner.numpy()),
-        trained_ia=information_abundance(trained.numpy()),
+        partner_rows=partner_rows,
         initial_ia=initial_ia,
-        trained=trained,
+        trained_ia=curve[-1][1],
+        partner_ia=information_abundance(e3.detach().numpy()),
+        curve=tuple(curve),
+        final_loss=loss.item(),
+        trained=e1.detach(),
     )

@@ -18,9 +18,13 @@ How rows are shared out, per epoch:
    holding that batch's first row and yields exactly the batches an
    uninterrupted epoch would have yielded from ``b`` on.
 
-A window is decoded once into numpy (labels ``(n,)``, sparse ids ``(n, F)``
-int32, dense ``(n, D)``); the next window is read in a background thread
-while batches are cut from the current one.
+A window is decoded once into numpy (labels ``(n,)``, the single-valued
+fields' ids ``(n, S)`` int32, each multi-hot field's ids padded to ``(n, L)``
+int32 with their counts ``(n,)``, dense ``(n, D)``); the next window is read in
+a background thread while batches are cut from the current one.
+
+A multi-hot field (``max_length`` L > 1, a ``list<int32>`` column) gives KJT lengths
+0..L per row; a row with more than L ids is refused (the preprocessor truncates).
 
 Ids outside ``[0, cardinality)`` are refused with a ``UserError``: up front from the
 parquet footers' min/max statistics (no data read, so before anything trains), and
@@ -77,6 +81,7 @@ class _Units:
     paths: list[str]
     metadata: list[pq.FileMetaData]
     fields: list[str]  # sparse fields, schema order
+    multi_hot: dict[str, int]  # multi-hot field -> max_length (the others hold one id per row)
     num_dense: int
     file: np.ndarray  # (U,) int64
     group: np.ndarray  # (U,) int64
@@ -97,21 +102,58 @@ class _Units:
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """Decoded rows: labels (n,) float32; ``sparse`` (n, S) int32, the ids of the S single-valued
+    fields; ``lists`` per multi-hot field (schema order) its ids (n, L) int32, padded with 0
+    after ``lengths`` (n,) int32 ids; dense (n, D) float32."""
+
+    labels: np.ndarray
+    sparse: np.ndarray
+    lists: tuple[tuple[np.ndarray, np.ndarray], ...]
+    dense: np.ndarray
+
+    def take(self, lo: int, hi: int, idx: np.ndarray | None) -> "_Rows":
+        """Rows ``[lo, hi)``, or rows ``idx`` when given."""
+        if idx is None:
+            lists = tuple((v[lo:hi], n[lo:hi]) for v, n in self.lists)
+            return _Rows(self.labels[lo:hi], self.sparse[lo:hi], lists, self.dense[lo:hi])
+        return _Rows(
+            self.labels[idx],
+            np.take(self.sparse, idx, axis=0),
+            tuple((np.take(v, idx, axis=0), n[idx]) for v, n in self.lists),
+            np.take(self.dense, idx, axis=0),
+        )
+
+    @staticmethod
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        lists = tuple(
+            (np.concatenate([p.lists[j][0] for p in parts]), np.concatenate([p.lists[j][1] for p in parts]))
+            for j in range(len(parts[0].lists))
+        )
+        return _Rows(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.sparse for p in parts]),
+            lists,
+            np.concatenate([p.dense for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
 class _Window:
     """Rank-local rows ``[start, start + n)``; ``perm`` (n,) maps batch order to storage order."""
 
     start: int
-    labels: np.ndarray  # (n,) float32
-    sparse: np.ndarray  # (n, F) int32
-    dense: np.ndarray  # (n, D) float32
+    data: _Rows
     perm: np.ndarray | None
 
-    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Window positions ``[lo, hi)`` in batch order: labels (b,), sparse (b, F), dense (b, D)."""
-        if self.perm is None:
-            return self.labels[lo:hi], self.sparse[lo:hi], self.dense[lo:hi]
-        idx = self.perm[lo:hi]
-        return self.labels[idx], np.take(self.sparse, idx, axis=0), np.take(self.dense, idx, axis=0)
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def rows(self, lo: int, hi: int) -> _Rows:
+        """Window positions ``[lo, hi)`` in batch order."""
+        return self.data.take(lo, hi, None if self.perm is None else self.perm[lo:hi])
 
 
 class CTRDataLoader:
@@ -119,7 +161,8 @@ class CTRDataLoader:
 
     The KJT has the schema's sparse fields as keys (schema order), int64 values
     laid out field-major (all rows of key 0, then key 1, ...) and int32
-    lengths of ones: one id per field per row.
+    lengths: one per row of a single-valued field, 0..max_length per row of a
+    multi-hot field.
     """
 
     def __init__(
@@ -158,12 +201,15 @@ class CTRDataLoader:
             paths=paths,
             metadata=metadata,
             fields=self.field_names,
+            multi_hot={f.name: f.max_length for f in self.schema.sparse_fields if f.multi_hot},
             num_dense=self.num_dense,
             file=np.array([i for i, _ in groups], dtype=np.int64),
             group=np.array([g for _, g in groups], dtype=np.int64),
             rows=np.array([metadata[i].row_group(g).num_rows for i, g in groups], dtype=np.int64),
         )
-        self._cardinalities = np.array([f.cardinality for f in self.schema.sparse_fields], dtype=np.int64)
+        self._single = [f for f in self.schema.sparse_fields if not f.multi_hot]
+        self._multi = [f for f in self.schema.sparse_fields if f.multi_hot]
+        self._cardinalities = np.array([f.cardinality for f in self._single], dtype=np.int64)
         for f in self.schema.sparse_fields:
             found = self.column_range(f.name)
             if found is not None and not 0 <= found[0] <= found[1] < f.cardinality:
@@ -196,7 +242,13 @@ class CTRDataLoader:
             raise UserError(f"missing dataset file {url} (listed in schema.json)") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise UserError(f"{url}: not a readable parquet file ({e})") from None
-        checks = {LABEL_COLUMN: ("int8", pa.types.is_int8), **{name: ("int32", pa.types.is_int32) for name in self.field_names}}
+        checks = {LABEL_COLUMN: ("int8", pa.types.is_int8)}
+        for f in self.schema.sparse_fields:
+            checks[f.name] = (
+                ("list<int32>", lambda t: pa.types.is_list(t) and pa.types.is_int32(t.value_type))
+                if f.multi_hot
+                else ("int32", pa.types.is_int32)
+            )
         if self.num_dense:
             d = self.num_dense
             checks[DENSE_COLUMN] = (
@@ -213,11 +265,13 @@ class CTRDataLoader:
         return metadata
 
     def column_range(self, name: str) -> tuple[int, int] | None:
-        """(min, max) of integer column ``name`` over the whole split, from the parquet footers'
-        statistics (no data read); None when some row group has no statistics for it."""
+        """(min, max) of integer column ``name`` (for a list column: of its ids) over the whole
+        split, from the parquet footers' statistics (no data read); None when some row group has
+        no statistics for it."""
         lows, highs = [], []
         for metadata in self._units.metadata:
-            column = next(j for j in range(metadata.num_columns) if metadata.schema.column(j).path == name)
+            paths = [metadata.schema.column(j).path for j in range(metadata.num_columns)]
+            column = next(j for j, p in enumerate(paths) if p == name or p.startswith(f"{name}."))
             for g in range(metadata.num_row_groups):
                 group = metadata.row_group(g)
                 if group.num_rows == 0:
@@ -229,20 +283,25 @@ class CTRDataLoader:
                 highs.append(stats.max)
         return (min(lows), max(highs)) if lows else None
 
-    def _check_ids(self, sparse: np.ndarray) -> None:
-        """Refuse decoded ids (n, F) outside ``[0, cardinality)``: one vectorised min and max per
-        field per window (about 10 ms for 256k rows of 39 fields, in the background reader thread)."""
-        if not len(sparse):
+    def _check_ids(self, rows: _Rows) -> None:
+        """Refuse decoded ids outside ``[0, cardinality)``: one vectorised min and max per field
+        per window (about 10 ms for 256k rows of 39 fields, in the background reader thread)."""
+        if not len(rows.labels):
             return
-        low, high = sparse.min(axis=0), sparse.max(axis=0)
-        bad = np.flatnonzero((low < 0) | (high >= self._cardinalities))
-        if len(bad):
-            f = self.schema.sparse_fields[int(bad[0])]
-            raise UserError(
-                f"{self.dataset_url}: split {self.split!r} has {f.name} ids in [{low[bad[0]]}, {high[bad[0]]}], "
-                f"outside [0, {f.cardinality}): "
-                "schema.json's cardinality does not match the data"
-            )
+        found = []
+        if self._single:
+            found += zip(self._single, rows.sparse.min(axis=0), rows.sparse.max(axis=0))
+        for f, (values, lengths) in zip(self._multi, rows.lists):
+            ids = values[np.arange(values.shape[1]) < lengths[:, None]]
+            if len(ids):
+                found.append((f, ids.min(), ids.max()))
+        for f, low, high in found:
+            if low < 0 or high >= f.cardinality:
+                raise UserError(
+                    f"{self.dataset_url}: split {self.split!r} has {f.name} ids in [{low}, {high}], "
+                    f"outside [0, {f.cardinality}): "
+                    "schema.json's cardinality does not match the data"
+                )
 
     def __len__(self) -> int:
         """Steps per epoch, the same on every rank."""
@@ -277,31 +336,49 @@ class CTRDataLoader:
                 end = self.batch_offset(b + 1)
                 parts = []
                 while pos < end:
-                    if window is None or pos == window.start + len(window.labels):
+                    if window is None or pos == window.start + len(window):
                         window = next(windows)
-                    hi = min(end, window.start + len(window.labels))
+                    hi = min(end, window.start + len(window))
                     parts.append(window.rows(pos - window.start, hi - window.start))
                     pos = hi
                 yield self._make_batch(parts)
         finally:
             windows.close()
 
-    def _make_batch(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batch:
-        """parts: (labels (b,), sparse (b, F), dense (b, D)) pieces in order -> one Batch."""
-        labels, sparse, dense = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
-        b, f = sparse.shape
-        values = np.ascontiguousarray(sparse.T, dtype=np.int64).reshape(-1)  # field-major (F * b,)
+    def _make_batch(self, parts: list[_Rows]) -> Batch:
+        """Row pieces in order -> one Batch."""
+        rows = _Rows.concat(parts)
+        b = len(rows.labels)
+        if not self._multi:  # every field single-valued: one transpose
+            values = np.ascontiguousarray(rows.sparse.T, dtype=np.int64).reshape(-1)  # field-major (F * b,)
+            lengths = np.ones(len(self.field_names) * b, dtype=np.int32)  # numpy: no intra-op thread wake-up
+            per_key = [b] * len(self.field_names)
+        else:
+            single = iter(rows.sparse.T)
+            multi = iter(rows.lists)
+            key_values, key_lengths = [], []
+            for f in self.schema.sparse_fields:
+                if f.multi_hot:
+                    ids, counts = next(multi)
+                    key_values.append(ids[np.arange(ids.shape[1]) < counts[:, None]])  # row-major: row by row
+                    key_lengths.append(counts)
+                else:
+                    key_values.append(next(single))
+                    key_lengths.append(np.ones(b, dtype=np.int32))
+            values = np.concatenate(key_values).astype(np.int64)
+            lengths = np.concatenate(key_lengths).astype(np.int32, copy=False)
+            per_key = [len(v) for v in key_values]
         kjt = KeyedJaggedTensor(
             keys=self.field_names,
             values=torch.from_numpy(values),
-            lengths=torch.from_numpy(np.ones(f * b, dtype=np.int32)),  # numpy: no intra-op thread wake-up
+            lengths=torch.from_numpy(lengths),
             stride=b,
-            length_per_key=[b] * f,
+            length_per_key=per_key,
         )
         return Batch(
-            dense_features=torch.from_numpy(np.ascontiguousarray(dense)),
+            dense_features=torch.from_numpy(np.ascontiguousarray(rows.dense)),
             sparse_features=kjt,
-            labels=torch.from_numpy(np.ascontiguousarray(labels)),
+            labels=torch.from_numpy(np.ascontiguousarray(rows.labels)),
         )
 
     def _windows(self, epoch: int, first: int) -> Iterator[_Window]:
@@ -319,13 +396,13 @@ class CTRDataLoader:
 
         def load(k: int) -> _Window:
             lo, hi = k * size, min((k + 1) * size, self.rank_rows)
-            window = reader.read(self.rank_start + lo, self.rank_start + hi)
-            self._check_ids(window[1])
+            rows = reader.read(self.rank_start + lo, self.rank_start + hi)
+            self._check_ids(rows)
             perm = None
             if self.config.shuffle:
                 rng = np.random.default_rng([self.config.seed, _WINDOW_SALT, epoch, self.rank, k])
                 perm = rng.permutation(hi - lo)
-            return _Window(lo, *window, perm=perm)
+            return _Window(lo, rows, perm=perm)
 
         if not self.config.prefetch:
             for k in range(first, count):
@@ -357,11 +434,13 @@ class _UnitReader:
             self._cached = (unit, self._units.read(unit))
         return self._cached[1]
 
-    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Stream rows [lo, hi) -> labels (n,) float32, sparse (n, F) int32, dense (n, D) float32."""
-        fields, d, n = self._units.fields, self._units.num_dense, hi - lo
+    def read(self, lo: int, hi: int) -> _Rows:
+        """Stream rows [lo, hi), decoded."""
+        multi_hot, d, n = self._units.multi_hot, self._units.num_dense, hi - lo
+        fields = [name for name in self._units.fields if name not in multi_hot]
         labels = np.empty(n, dtype=np.float32)
         sparse = np.empty((n, len(fields)), dtype=np.int32)
+        lists = {name: (np.zeros((n, size), dtype=np.int32), np.empty(n, dtype=np.int32)) for name, size in multi_hot.items()}
         dense = np.empty((n, d), dtype=np.float32)
         first = int(np.searchsorted(self._bounds, lo, side="right")) - 1
         last = int(np.searchsorted(self._bounds, hi, side="left"))
@@ -372,7 +451,24 @@ class _UnitReader:
             table = self._table(int(self._order[i])).slice(a - int(self._bounds[i]), b - a)
             out = slice(a - lo, b - lo)
             labels[out] = table.column(LABEL_COLUMN).to_numpy()
-            np.stack([table.column(name).to_numpy() for name in fields], axis=1, out=sparse[out])
+            if fields:
+                np.stack([table.column(name).to_numpy() for name in fields], axis=1, out=sparse[out])
+            for name, (ids, counts) in lists.items():
+                self._read_list(table.column(name).combine_chunks(), name, int(self._order[i]), ids[out], counts[out])
             if d:
                 dense[out] = table.column(DENSE_COLUMN).combine_chunks().flatten().to_numpy().reshape(-1, d)
-        return labels, sparse, dense
+        return _Rows(labels, sparse, tuple(lists.values()), dense)
+
+    def _read_list(self, column: pa.ListArray, name: str, unit: int, ids: np.ndarray, counts: np.ndarray) -> None:
+        """A multi-hot column's rows -> ``ids`` (b, L) padded in place and ``counts`` (b,)."""
+        if column.values.null_count:
+            raise UserError(f"{self._units.urls[int(self._units.file[unit])]}: column {name!r} has null ids in its lists")
+        offsets = column.offsets.to_numpy()  # (b + 1,), into column.values
+        np.subtract(offsets[1:], offsets[:-1], out=counts, casting="unsafe")
+        if len(counts) and counts.max() > ids.shape[1]:
+            u = self._units
+            raise UserError(
+                f"{u.urls[int(u.file[unit])]}: row group {int(u.group[unit])} has a row with {int(counts.max())} "
+                f"{name} ids, more than its max_length {ids.shape[1]} (schema.json)"
+            )
+        ids[np.arange(ids.shape[1]) < counts[:, None]] = column.values.to_numpy()[offsets[0] : offsets[-1]]

@@ -1,15 +1,25 @@
-"""Raw Criteo / Avazu logs -> the prepared parquet dataset (layout: ``trainer.data.schema``).
+"""Raw logs -> the prepared parquet dataset (layout: ``trainer.data.schema``), as a dataset spec says.
 
-Two streaming passes; memory is bounded by the number of distinct tokens, not
-by the file size:
+The spec (``trainer.data.dataset_spec``; ``--dataset criteo|avazu|...`` names a
+shipped one under ``configs/datasets/``) gives the input files, the columns and
+the split. Two streaming passes over each input file, in file order; memory is
+bounded by the number of distinct tokens of the vocabulary fields (hashed
+fields hold none), not by the file sizes:
 
-1. A background thread parses the raw file (``trainer.data.raw_reader``) while
+1. A background thread parses the file (``trainer.data.raw_reader``) while
    the caller validates, splits, transforms and dictionary-encodes each chunk
    and counts the tokens of train rows (``trainer.data.encoding``), spilling the
-   encoded chunk to an Arrow stream inside the temporary output directory.
-2. Each field's vocabulary is built from the train counts
-   (``trainer.data.vocabulary``); the spilled chunks are mapped to ids in a
-   background thread while ``DatasetWriter`` writes the splits.
+   encoded chunks to an Arrow stream inside the temporary output directory.
+2. Each field's vocabulary is built from the train counts of every file
+   (``trainer.data.vocabulary``); each file's spilled chunks are mapped to ids
+   in a background thread while a ``DatasetWriter`` writes its part files
+   (file ``k``: ``part-{k * files_per_split + i}``).
+
+The phases work file by file (``trainer.data.phases``), so ``--workers N
+--worker I`` (one torchx job of N replicas: ``pipelines/components.py``) shares
+the files out and writes the same bytes as one process: each worker counts its
+files, worker 0 merges the counts into the vocabularies, each encodes its
+files, worker 0 writes ``schema.json``; they meet through files in ``--work``.
 
 Everything is written inside ``atomic_directory``: a failed run leaves nothing,
 a killed one a temporary the next run removes; ``--overwrite`` only replaces a
@@ -19,159 +29,205 @@ dataset (a directory with ``schema.json``) and never one that holds the input.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import fnmatch
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
-import pyarrow as pa
-from tqdm import tqdm
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from trainer.atomic_output import atomic_directory
 from trainer.cli_help import HelpFormatter
-from trainer.data.encoding import BAD_ROW_POLICIES, INTEGER_TRANSFORM, Encoder, map_batches
-from trainer.data.raw_formats import FORMATS, RawFormat, raw_format
-from trainer.data.raw_reader import open_raw, prefetch, read_chunks
-from trainer.data.schema import MISSING_ID, SPLITS, DatasetSchema, SparseField, SplitInfo, write_schema
-from trainer.data.splits import TRAIN, parse_split
-from trainer.data.synthetic import read_oracle
-from trainer.data.vocabulary import build_vocabulary, write_vocabulary
-from trainer.data.writer import DatasetWriter
+from trainer.data.dataset_spec import DatasetSpec, load_spec, shipped_names, shipped_spec
+from trainer.data.encoding import BAD_ROW_POLICIES
+from trainer.data.global_shuffle import order_train
+from trainer.data.phases import (
+    WORK, Job, count_file, encode_file, finish, merge, new_counts, read_vocabularies, remove_work,
+)  # fmt: skip
+from trainer.data.schema import SPLITS, DatasetSchema, write_schema
+from trainer.data.splits import files_fractions, parse_split
 from trainer.errors import UserError, run_cli
 from trainer.storage import filesystem, join, require_exists
 
-_SPILL_FILE = "_spill.arrow"
 SCHEMA_FILE = "schema.json"  # what marks a dataset: --overwrite replaces nothing else
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What to read, where to write, and the recipe's knobs."""
+    """What to read (a spec), where to write, and the knobs that override the spec."""
 
-    dataset: str  # "criteo" | "avazu"
-    input: str  # path or fsspec URL; .gz/.bz2/... decompressed by extension
     output: str  # dataset directory (path or URL) to create
-    min_count: int | None = None  # None: the dataset's default (Criteo 10, Avazu 4)
-    split: str = "8,1,1"  # train,val,test proportions
-    seed: int = 0
+    dataset: str | None = None  # a shipped spec: configs/datasets/NAME.yaml
+    spec: str | None = None  # a spec file (instead of dataset)
+    input: str | list[str] | None = None  # path(s), glob(s) or fsspec URL(s); None: the spec's input.paths
+    min_count: int | None = None  # None: the spec's (per field, then defaults.min_count); else every vocabulary field's
+    split: str | None = None  # "8,1,1": the split's ratios; None: the spec's
+    seed: int | None = None  # None: the spec's split seed
     on_bad_rows: str = "fail"  # "fail" | "skip"
-    files_per_split: int = 4
+    files_per_split: int = 4  # per input file
     overwrite: bool = False
     block_size: int = 2 << 20  # bytes per CSV parse block
     chunk_rows: int = 1 << 17  # rows validated, encoded and spilled together
     progress: bool = True  # tqdm bars on stderr
+    shuffle_train: bool = False  # rewrite train in a seeded random order (trainer.data.global_shuffle)
 
 
-def _progress(config: PreprocessConfig, desc: str, total: int | None = None) -> tqdm:
-    return tqdm(desc=desc, total=total, unit=" rows", unit_scale=True, mininterval=1.0, disable=not config.progress)
-
-
-def _check(config: PreprocessConfig) -> tuple[RawFormat, int, tuple[float, float, float]]:
-    fmt = raw_format(config.dataset)
-    min_count = fmt.default_min_count if config.min_count is None else config.min_count
-    if min_count < 1:
-        raise UserError(f"--min-count must be >= 1, got {min_count}")
+def resolve_spec(config: PreprocessConfig) -> DatasetSpec:
+    """The spec with the config's overrides applied (input paths, min-count, split ratios, seed)."""
+    if (config.dataset is None) == (config.spec is None):
+        raise UserError(f"give --dataset NAME (shipped: {shipped_names()}) or --spec FILE, not both or neither")
+    spec = shipped_spec(config.dataset) if config.dataset is not None else load_spec(config.spec)  # type: ignore[arg-type]
+    if config.min_count is not None:
+        if config.min_count < 1:
+            raise UserError(f"--min-count must be >= 1, got {config.min_count}")
+        columns = [replace(c, min_count=config.min_count) if c.is_field and c.hash_buckets is None else c for c in spec.columns]
+        spec = spec.replace(columns=columns, defaults=replace(spec.defaults, min_count=config.min_count))
+    if config.split is not None:
+        spec = spec.replace(split=replace(spec.split, ratios=list(parse_split(config.split))))
+    if config.seed is not None:
+        spec = spec.replace(split=replace(spec.split, seed=config.seed))
+    if config.input is not None:
+        paths = [config.input] if isinstance(config.input, str) else list(config.input)
+        spec = spec.replace(input=replace(spec.input, paths=paths))
     if config.on_bad_rows not in BAD_ROW_POLICIES:
         raise UserError(f"--on-bad-rows must be one of {list(BAD_ROW_POLICIES)}, got {config.on_bad_rows!r}")
     if config.files_per_split < 1:
         raise UserError(f"--files-per-split must be >= 1, got {config.files_per_split}")
-    return fmt, min_count, parse_split(config.split)
+    return spec
 
 
-def _pass1(config: PreprocessConfig, fmt: RawFormat, fractions: tuple[float, float, float], spill_url: str) -> Encoder:
-    """Read, validate, encode and count; the encoded chunks go to ``spill_url``. Returns the encoder's tallies."""
-    spill_fs, spill_path = filesystem(spill_url)
-    with ThreadPoolExecutor(2, thread_name_prefix="preprocess-encode") as pool:
-        encoder = Encoder(fmt, config.input, fractions, config.seed, config.on_bad_rows, pool)
-        with (
-            open_raw(config.input) as raw,
-            contextlib.closing(
-                prefetch(read_chunks(raw, fmt, config.input, config.block_size, config.chunk_rows))
-            ) as chunks,
-            spill_fs.open(spill_path, "wb") as spill_file,
-            pa.ipc.new_stream(spill_file, encoder.spill_schema) as spill,
-            _progress(config, "pass 1/2: read") as bar,
-        ):
-            for chunk in chunks:
-                spill.write_batch(encoder.encode(chunk))
-                bar.update(chunk.table.num_rows + len(chunk.rejected))
-    return encoder
+def input_files(spec: DatasetSpec) -> list[str]:
+    """Every input file (URL), sorted within each path or glob, each once: its index is its file number."""
+    if not spec.input.paths:
+        raise UserError(f"dataset spec {spec.name!r} names no input.paths; pass --input")
+    files: list[str] = []
+    for pattern in spec.input.paths:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        local = isinstance(fs, LocalFileSystem)
+        if any(c in path for c in "*?["):
+            found = [p if local else fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if fs.isfile(p)]
+            if not found:
+                raise UserError(f"input {pattern}: no file matches")
+        else:
+            require_exists(pattern)
+            found = [pattern]
+        files += [f for f in found if f not in files]
+    return files
 
 
-def _pass2(
-    config: PreprocessConfig, fmt: RawFormat, vocabularies: dict[str, pa.Table], spill_url: str, root: str, rows: int
-) -> tuple[dict[str, SplitInfo], np.ndarray]:
-    """Map the spilled chunks to ids and write the splits; returns the split infos and OOV counts (split x field)."""
-    spill_fs, spill_path = filesystem(spill_url)
-    oov = np.zeros((len(SPLITS), len(fmt.sparse_fields)), dtype=np.int64)
-    writer = DatasetWriter(root, files_per_split=config.files_per_split)
-    with (
-        spill_fs.open(spill_path, "rb") as spill_file,
-        contextlib.closing(
-            prefetch(map_batches(pa.ipc.open_stream(spill_file), fmt, vocabularies, writer.row_group_rows, oov))
-        ) as tables,
-        _progress(config, "pass 2/2: write", total=rows) as bar,
-    ):
-        for split, table in tables:
-            writer.write(split, table)
-            bar.update(table.num_rows)
-    splits = writer.close()
-    spill_fs.rm(spill_path)
-    return splits, oov
+def file_fractions(spec: DatasetSpec, files: list[str]) -> list[tuple[float, float, float] | None]:
+    """Per input file: the fractions its rows are spread over the splits by (None: by time)."""
+    s = spec.split
+    ratios = tuple(float(r) for r in s.ratios)
+    total = sum(ratios)
+    if s.kind == "time":
+        return [None] * len(files)
+    if s.kind == "random":
+        return [(ratios[0] / total, ratios[1] / total, ratios[2] / total)] * len(files)
+    assert s.files is not None
+    out: list[tuple[float, float, float] | None] = []
+    for f in files:
+        name = f.rstrip("/").rsplit("/", 1)[-1]
+        listed = {k for k, split in enumerate(SPLITS) if any(fnmatch.fnmatch(name, g) or fnmatch.fnmatch(f, g) for g in s.files.get(split, []))}
+        if not listed:
+            raise UserError(f"input file {f} matches no glob of split.files ({dict(s.files)})")
+        out.append(files_fractions(listed, ratios))  # type: ignore[arg-type]
+    return out
+
+
+def job_of(config: PreprocessConfig) -> Job:
+    """The run ``config`` asks for: spec, input files, split fractions, knobs."""
+    spec = resolve_spec(config)
+    files = input_files(spec)
+    return Job(
+        spec, files, file_fractions(spec, files), config.on_bad_rows, config.files_per_split,
+        config.block_size, config.chunk_rows, config.progress,
+    )  # fmt: skip
 
 
 def preprocess(config: PreprocessConfig) -> DatasetSchema:
-    """Turn the raw file ``config.input`` into a prepared dataset at ``config.output``."""
-    fmt, min_count, fractions = _check(config)
-    require_exists(config.input)
+    """Turn the spec's raw files into a prepared dataset at ``config.output``, in this process."""
+    job = job_of(config)
     with atomic_directory(
-        config.output, overwrite=config.overwrite, marker=SCHEMA_FILE, what="dataset", inputs=[config.input]
+        config.output, overwrite=config.overwrite, marker=SCHEMA_FILE, what="dataset", inputs=job.files
     ) as root:
-        spill_url = join(root, _SPILL_FILE)
-        encoder = _pass1(config, fmt, fractions, spill_url)
-        kept = int(encoder.split_rows.sum())
-        if kept == 0:
-            raise UserError(f"{config.input}: no usable data rows ({encoder.rows_read} read, {encoder.bad.count} bad)")
-        if encoder.split_rows[TRAIN] == 0:
-            raise UserError(f"{config.input}: no row landed in train ({kept} rows); use more rows or another --split")
-
-        vocabularies = {name: build_vocabulary(encoder.counts[name].table(), min_count) for name in fmt.sparse_fields}
-        for name, vocabulary in vocabularies.items():
-            write_vocabulary(root, name, vocabulary, config.input)
-        splits, oov = _pass2(config, fmt, vocabularies, spill_url, root, kept)
-
-        rows = {split: int(n) for split, n in zip(SPLITS, encoder.split_rows)}
-        schema = DatasetSchema(
-            dataset=fmt.name,
-            sparse_fields=[SparseField(name, vocabularies[name].num_rows + MISSING_ID + 1) for name in vocabularies],
-            dense_fields=list(fmt.integer_fields),
-            splits=splits,
-            recipe={
-                "source": "trainer.data.preprocess",
-                "dataset": fmt.name,
-                "input": config.input,
-                "min_count": min_count,
-                "vocabulary_from": "train",
-                "split": list(fractions),
-                "seed": config.seed,
-                "integer_transform": INTEGER_TRANSFORM if fmt.integer_fields else None,
-                "rows_read": encoder.rows_read,
-                "bad_rows": {
-                    "policy": config.on_bad_rows,
-                    "count": encoder.bad.count,
-                    "examples": encoder.bad.examples,
-                },
-                "rows": rows,
-                "oov_rate": {
-                    split: {name: float(oov[s, f] / max(rows[split], 1)) for f, name in enumerate(fmt.sparse_fields)}
-                    for s, split in enumerate(SPLITS)
-                },
-                **read_oracle(config.input, config.split, config.seed),
-            },
-        )
+        counts = new_counts(job.spec)
+        for k in range(len(job.files)):
+            count_file(job, k, root, counts)
+        vocabularies = merge(job, root, counts)
+        del counts
+        for k in range(len(job.files)):
+            encode_file(job, k, root, vocabularies)
+        schema = finish(job, root, {name: v.num_rows for name, v in vocabularies.items()})
+        remove_work(root)
+        schema = order_train(root, schema, config.shuffle_train, job.spec.split.seed)
         write_schema(root, schema)
     return schema
+
+
+def _barrier(work: str, markers: list[str], workers: int, timeout_s: float) -> None:
+    """Wait until every marker file exists under ``work/_work``; a worker's failure note ends the wait."""
+    fs, base = filesystem(join(work, WORK))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [m for m in markers if not fs.exists(f"{base}/{m}")]
+        if not missing:
+            return
+        for i in range(workers):
+            if fs.exists(f"{base}/failed-{i}.txt"):
+                note = fs.cat(f"{base}/failed-{i}.txt").decode()
+                raise UserError(f"worker {i} failed: {note} (a note in {work}; remove it if an earlier run left it)")
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f} s for the other workers ({missing[:3]} missing); giving up")
+        time.sleep(0.2)
+
+
+def run_worker(config: PreprocessConfig, worker: int, workers: int, work: str, timeout_s: float = 86400) -> DatasetSchema | None:
+    """Worker ``worker`` of ``workers``: count its files (k % workers == worker), wait, worker 0 merges,
+    wait, encode its files; worker 0 then waits for all and writes ``config.output``. Returns its schema
+    (worker 0) or None. Any worker's failure is noted in the work directory and stops the others."""
+    if not 0 <= worker < workers:
+        raise UserError(f"--worker must be in [0, {workers}), got {worker}")
+    job = job_of(config)
+    mine = range(worker, len(job.files), workers)
+    try:
+        for k in mine:
+            count_file(job, k, work)
+        if worker == 0:
+            _barrier(work, [f"file-{k:05d}.json" for k in range(len(job.files))], workers, timeout_s)
+            vocabularies = merge(job, work)
+        elif mine:
+            _barrier(work, ["merged.json"], workers, timeout_s)
+            vocabularies = read_vocabularies(job, work)
+        for k in mine:
+            encode_file(job, k, work, vocabularies)
+        _note(work, f"done-{worker}.txt", "")  # worker 0 moves the work files away once all are done
+        if worker != 0:
+            return None
+        _barrier(work, [f"done-{i}.txt" for i in range(workers)], workers, timeout_s)
+        schema = finish(job, work, {name: v.num_rows for name, v in vocabularies.items()})
+        with atomic_directory(
+            config.output, overwrite=config.overwrite, marker=SCHEMA_FILE, what="dataset", inputs=job.files
+        ) as root:
+            fs, work_path = filesystem(work)
+            _, root_path = filesystem(root)
+            for name in ("vocab", *SPLITS):
+                if fs.exists(f"{work_path}/{name}"):
+                    fs.mv(f"{work_path}/{name}", f"{root_path}/{name}", recursive=True)
+            schema = order_train(root, schema, config.shuffle_train, job.spec.split.seed)
+            write_schema(root, schema)
+        fs.rm(work_path, recursive=True)
+        return schema
+    except BaseException as e:
+        _note(work, f"failed-{worker}.txt", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+        raise
+
+
+def _note(work: str, name: str, text: str) -> None:
+    """``work/_work/NAME`` holding ``text``: a marker the other workers wait for."""
+    fs, base = filesystem(join(work, WORK))
+    fs.makedirs(base, exist_ok=True)
+    fs.pipe(f"{base}/{name}", text.encode())
 
 
 def summary(schema: DatasetSchema, output: str, seconds: float) -> str:
@@ -179,7 +235,7 @@ def summary(schema: DatasetSchema, output: str, seconds: float) -> str:
     r = schema.recipe
     rows, bad = r["rows_read"], r["bad_rows"]
     splits = ", ".join(f"{s} {n:,}" for s, n in r["rows"].items())
-    oov = {s: float(np.mean(list(rates.values()))) for s, rates in r["oov_rate"].items()}
+    oov = {s: sum(rates.values()) / max(len(rates), 1) for s, rates in r["oov_rate"].items()}
     lines = [
         f"preprocessed {schema.dataset} -> {output}",
         f"  {rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s); "
@@ -196,27 +252,38 @@ def summary(schema: DatasetSchema, output: str, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m trainer.data.preprocess",
-        description="Turn raw Criteo/Avazu logs into a prepared dataset.",
+        description="Turn raw logs into a prepared dataset, as a dataset spec (YAML) says.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=sorted(FORMATS), help="criteo (TSV, no header) or avazu (CSV with header)")
-    p.add_argument("--input", required=True, help="raw file: path or fsspec URL (.gz etc. decompressed)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dataset", choices=shipped_names(), help="a shipped spec: configs/datasets/NAME.yaml")
+    which.add_argument("--spec", help="a dataset spec file (YAML; keys in trainer/data/dataset_spec.py)")
+    p.add_argument("--input", action="append", help="raw file(s): path, glob or fsspec URL; repeatable (default: the spec's input.paths)")
     p.add_argument("--output", required=True, help="dataset directory to create: path or fsspec URL")
-    p.add_argument(
-        "--min-count", type=int, default=None, help="train tokens rarer than this -> OOV (default: criteo 10, avazu 4)"
-    )
-    p.add_argument("--split", default="8,1,1", help="train,val,test proportions")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--min-count", type=int, default=None, help="every vocabulary field's min count (default: the spec's)")
+    p.add_argument("--split", default=None, help="train,val,test proportions (default: the spec's split.ratios)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the spec's split.seed)")
+    p.add_argument("--shuffle-train", action="store_true",
+                   help="write train's rows in a random order seeded by the split seed (a global shuffle; memory flat)")  # fmt: skip
     p.add_argument("--on-bad-rows", default="fail", choices=BAD_ROW_POLICIES,
                    help="fail: stop at the first bad row; skip: count and drop them")  # fmt: skip
-    p.add_argument("--files-per-split", type=int, default=4, help="parquet files per split")
+    p.add_argument("--files-per-split", type=int, default=4, help="parquet files per split and input file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--workers", type=int, default=1, help="workers of a scaled-out run (one per replica)")
+    p.add_argument("--worker", type=int, default=0, help="this worker's number, 0 .. workers-1 (0 writes the output)")
+    p.add_argument("--work", default=None,
+                   help="with --workers > 1: the work directory the workers share (default OUTPUT.work), "
+                        "a shared volume or object store")  # fmt: skip
+    p.add_argument("--run-id", default="",
+                   help="with --workers > 1, required: a name fresh to this run, the same for all its workers "
+                        "(its part of --work; torchx passes the app id)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     config = PreprocessConfig(
-        dataset=args.dataset,
-        input=args.input,
         output=args.output,
+        dataset=args.dataset,
+        spec=args.spec,
+        input=args.input,
         min_count=args.min_count,
         split=args.split,
         seed=args.seed,
@@ -224,10 +291,25 @@ def main(argv: list[str] | None = None) -> None:
         files_per_split=args.files_per_split,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        shuffle_train=args.shuffle_train,
     )
     start = time.perf_counter()
-    schema = preprocess(config)
-    print(summary(schema, config.output, time.perf_counter() - start))
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers == 1:
+        schema = preprocess(config)
+    else:
+        if not args.run_id:  # a previous run's notes in the work directory would mislead this one's workers
+            raise UserError("--workers > 1 needs --run-id: a name fresh to this run, the same for all its workers")
+        work = args.work or config.output.rstrip("/") + ".work"
+        schema = run_worker(config, args.worker, args.workers, join(work, args.run_id))
+        fs, path = filesystem(work)
+        if schema is not None and fs.exists(path) and not fs.ls(path, detail=False):
+            fs.rm(path, recursive=True)  # this run's part is gone: the shared directory too, when empty
+    if schema is not None:
+        print(summary(schema, config.output, time.perf_counter() - start))
+    else:
+        print(f"worker {args.worker}/{args.workers}: done in {time.perf_counter() - start:.1f} s")
 
 
 cli = lambda: run_cli(main)  # noqa: E731 - the console script ([project.scripts] in pyproject.toml)

@@ -1,20 +1,21 @@
-"""The raw log formats ``trainer.data.preprocess`` reads: Criteo Kaggle TSV and Avazu CSV."""
+"""The CSV/TSV layout of a dataset spec (``RawFormat``), and the shipped Criteo and Avazu layouts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.data.dataset_spec import DatasetSpec, shipped_spec
 from trainer.errors import UserError
 
 
 @dataclass(frozen=True)
 class RawFormat:
-    """Layout of one raw format and its default min-count.
+    """How the text rows of a dataset look, and its field roles.
 
-    Every column of a row is listed in ``columns`` (file order). Integer fields
-    become both a token field and a dense feature; categorical fields are kept
-    as strings; ``dropped`` columns are read (so the column count is checked)
-    and thrown away.
+    ``columns``: without a header, every column of a row (file order); with one,
+    the columns the spec names (found by name). Integer fields (numeric with the
+    ``criteo_log`` token) become both a token field and a dense feature;
+    ``dropped`` columns are ignored.
     """
 
     name: str
@@ -32,42 +33,24 @@ class RawFormat:
     def sparse_fields(self) -> tuple[str, ...]:
         return self.integer_fields + self.categorical_fields
 
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec) -> "RawFormat":
+        return cls(
+            name=spec.name,
+            delimiter=spec.input.sep,
+            has_header=spec.input.header,
+            quoted=spec.input.quoted,
+            columns=tuple(c.name for c in spec.columns),
+            label=spec.label.name,
+            integer_fields=tuple(c.name for c in spec.columns if c.type == "numeric" and c.token == "criteo_log"),
+            categorical_fields=tuple(c.name for c in spec.columns if c.type == "categorical"),
+            dropped=tuple(c.name for c in spec.columns if c.type == "ignore"),
+            default_min_count=spec.defaults.min_count,
+        )
 
-_CRITEO_INTEGERS = tuple(f"I{i}" for i in range(1, 14))
-_CRITEO_CATEGORICALS = tuple(f"C{i}" for i in range(1, 27))
 
-CRITEO = RawFormat(
-    name="criteo",
-    delimiter="\t",
-    has_header=False,
-    quoted=False,
-    columns=("label",) + _CRITEO_INTEGERS + _CRITEO_CATEGORICALS,
-    label="label",
-    integer_fields=_CRITEO_INTEGERS,
-    categorical_fields=_CRITEO_CATEGORICALS,
-    dropped=(),
-    default_min_count=10,
-)
-
-_AVAZU_FIELDS = (
-    "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-    "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
-    "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
-)  # fmt: skip
-
-AVAZU = RawFormat(
-    name="avazu",
-    delimiter=",",
-    has_header=True,
-    quoted=True,
-    columns=("id", "click") + _AVAZU_FIELDS,
-    label="click",
-    integer_fields=(),
-    categorical_fields=_AVAZU_FIELDS,
-    dropped=("id",),  # read as a string: it overflows int64
-    default_min_count=4,
-)
-
+CRITEO = RawFormat.from_spec(shipped_spec("criteo"))
+AVAZU = RawFormat.from_spec(shipped_spec("avazu"))
 FORMATS = {f.name: f for f in (CRITEO, AVAZU)}
 
 

@@ -1,9 +1,11 @@
-"""Raw log files -> chunks of binary columns (``RawChunk``), parsed in a background thread.
+"""Raw log files -> chunks of columns (``RawChunk``), parsed in a background thread.
 
 ``open_raw`` opens a path or fsspec URL (compression by extension),
-``read_chunks`` parses it with pyarrow, noting the file line and the reason of
-every row it rejects, and ``prefetch`` runs such a generator ahead of its
-caller in a thread.
+``read_chunks`` parses a CSV/TSV stream with pyarrow (every value binary),
+noting the file line and the reason of every row it rejects,
+``read_parquet_chunks`` reads a Parquet file row group by row group (columns in
+their own types), and ``prefetch`` runs such a generator ahead of its caller in
+a thread.
 
 A line is what ends in ``\n`` (or ``\r\n``). pyarrow sees the file through
 ``_Lines``, which hands it every line unchanged except the few it cannot be
@@ -17,17 +19,19 @@ become a one-column line pyarrow rejects, and their reason is kept aside.
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import queue
 import threading
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from trainer.data.raw_formats import RawFormat
 from trainer.errors import UserError
@@ -125,7 +129,7 @@ class _Lines(io.RawIOBase):
 
     def __init__(self, file: Any, fmt: RawFormat, where: str, max_line: int):
         self.file, self.fmt, self.where, self.max_line = file, fmt, where, max_line
-        self.expected = len(fmt.columns)
+        self.expected: int | None = None if fmt.has_header else len(fmt.columns)  # with a header: its count
         self.delimiter = fmt.delimiter.encode()
         self.mark = f"bad-line-{uuid.uuid4().hex}-"  # one column; no real line is that
         self._reasons: dict[str, str] = {}  # replacement text -> reason, until pyarrow rejects it
@@ -134,6 +138,16 @@ class _Lines(io.RawIOBase):
         self._skipping = False  # inside an over-long line: dropping bytes until its end
         self._first = True  # the next line is the file's first
         self._eof = False
+        self._peeked = b""  # read by ``header`` and not yet handed out
+
+    def header(self) -> list[str]:
+        """The names in the first line (read ahead; pyarrow still gets it)."""
+        while b"\n" not in self._peeked and not self._eof:
+            self._peeked += self._fill(1 << 16)
+        line = self._peeked.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+        if not line:
+            raise UserError(f"{self.where}: empty file")
+        return next(csv.reader([line], delimiter=self.fmt.delimiter))
 
     def readable(self) -> bool:
         return True
@@ -144,6 +158,9 @@ class _Lines(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         size = size if size is not None and size > 0 else 1 << 20
+        if self._peeked:
+            out, self._peeked = self._peeked, b""
+            return out
         while not self._eof:
             out = self._fill(size)
             if out:
@@ -181,6 +198,9 @@ class _Lines(io.RawIOBase):
 
     def _check(self, lines: bytes) -> bytes:
         """Whole lines, passed through when plain (the fast path), else line by line."""
+        if self.expected is None:  # the header's column count is every row's
+            header = lines[: lines.find(b"\n")].rstrip(b"\r").decode("utf-8", "replace")
+            self.expected = len(next(csv.reader([header], delimiter=self.fmt.delimiter), []))
         if self._plain(lines):
             self._first = False
             return lines
@@ -206,9 +226,7 @@ class _Lines(io.RawIOBase):
             if reason is None and not _is_text(line):
                 reason = "not UTF-8 text"
             if reason is not None:
-                raise UserError(
-                    f"{self.where}:1: header is not the {self.fmt.name} layout: {reason}: {show_bytes(line)}"
-                )
+                raise UserError(f"{self.where}:1: header is not the {self.fmt.name} layout: {reason}: {show_bytes(line)}")
         return line if reason is None else self._replace(reason)
 
     def _problem(self, line: bytes) -> str | None:
@@ -237,6 +255,7 @@ class _Lines(io.RawIOBase):
             found.append(row.actual_columns)
             return "skip"
 
+        assert self.expected is not None
         pacsv.read_csv(
             io.BytesIO(safe + b"\n"),
             read_options=pacsv.ReadOptions(column_names=[f"c{i}" for i in range(self.expected)], use_threads=False),
@@ -264,25 +283,38 @@ def _is_text(data: bytes) -> bool:
 
 @dataclass
 class RawChunk:
-    """Parsed rows (every column binary, empty -> null) and the rows pyarrow rejected."""
+    """Parsed rows and the rows rejected before parsing their values.
+
+    CSV/TSV: every column binary, empty -> null; Parquet: the file's own types.
+    """
 
     table: pa.Table  # chunked as parsed: chunks are never concatenated
     rejected: list[tuple[int, str]]  # (line, reason) of the rows rejected before parsing their values
 
 
-def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_rows: int) -> Iterator[RawChunk]:
+def missing_columns(wanted: list[str], found: list[str], where: str) -> None:
+    """An error naming the ``wanted`` columns not among ``found`` (the file's real ones)."""
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise UserError(f"{where}: no column(s) {missing}; the file's columns are {clip(str(found), 2000)}")
+
+
+def read_chunks(
+    file: Any, fmt: RawFormat, where: str, block_size: int, chunk_rows: int, include: list[str] | None = None
+) -> Iterator[RawChunk]:
     """Parse the raw stream ``file`` (named ``where`` in errors) into chunks of about ``chunk_rows`` rows.
 
     Single-threaded pyarrow parsing, ``block_size`` bytes at a time (it runs
     beside the caller through ``prefetch``), so that rejected rows come with
-    their line number.
+    their line number. Only the ``include`` columns (default: all of
+    ``fmt.columns``) are converted; with a header they are found by name.
     """
     rejected: list[tuple[int, str]] = []
     lines = _Lines(file, fmt, where, max_line=block_size // 2)
-    expected = len(fmt.columns)
+    include = list(fmt.columns) if include is None else include
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        reason = lines.reason(row.text) or f"expected {expected} columns, got {row.actual_columns}"
+        reason = lines.reason(row.text) or f"expected {lines.expected} columns, got {row.actual_columns}"
         rejected.append((row.number, reason))
         return "skip"
 
@@ -296,20 +328,18 @@ def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_ro
         invalid_row_handler=on_invalid,
     )
     convert_options = pacsv.ConvertOptions(
-        column_types={c: pa.binary() for c in fmt.columns},  # bytes: no UTF-8 check (only vocabularies are text)
+        column_types={c: pa.binary() for c in include},  # bytes: no UTF-8 check (only vocabularies are text)
+        include_columns=include,
         strings_can_be_null=True,
         null_values=[""],
         quoted_strings_can_be_null=False,
     )
     try:
+        if fmt.has_header:
+            missing_columns(include, lines.header(), f"{where}:1")
         reader = pacsv.open_csv(
             lines, read_options=read_options, parse_options=parse_options, convert_options=convert_options
         )
-        if fmt.has_header and reader.schema.names != list(fmt.columns):
-            raise UserError(
-                f"{where}:1: header is not the {fmt.name} layout: expected "
-                f"{','.join(fmt.columns)}, got {clip(','.join(reader.schema.names))}"
-            )
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         for batch in reader:
@@ -326,3 +356,33 @@ def read_chunks(file: Any, fmt: RawFormat, where: str, block_size: int, chunk_ro
         raise UserError(f"{where}: cannot parse: {clip(str(e))}") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{where}: cannot read ({type(e).__name__}: {e}); truncated or corrupt file?") from None
+
+
+def _parquet(file: Any, where: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{where}: not a readable Parquet file ({type(e).__name__}: {clip(str(e))})") from None
+
+
+def read_parquet_chunks(
+    file: Any, where: str, columns: list[str], chunk_rows: int, check: Callable[[pa.Schema], None] = lambda s: None
+) -> Iterator[RawChunk]:
+    """The ``columns`` of a Parquet file, one row group (in slices of ``chunk_rows``) at a time;
+    ``check`` sees the file's schema first."""
+    pf = _parquet(file, where)
+    missing_columns(columns, pf.schema_arrow.names, where)
+    check(pf.schema_arrow)
+    for g in range(pf.num_row_groups):
+        try:
+            table = pf.read_row_group(g, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{where}: row group {g}: cannot read ({type(e).__name__}: {clip(str(e))})") from None
+        for start in range(0, table.num_rows, chunk_rows):
+            yield RawChunk(table.slice(start, chunk_rows), [])
+
+
+def parquet_row_groups(file: Any, where: str) -> list[int]:
+    """Row counts of a Parquet file's row groups (to name a row as row group:row in errors)."""
+    meta = _parquet(file, where).metadata
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

@@ -12,14 +12,21 @@ Layout written by ``trainer.data.preprocess`` and ``trainer.data.synthetic --for
 Parquet columns of every split file:
 
 - ``label``: int8, 0 or 1
-- one int32 column per sparse field, named by the field, ids in ``[0, cardinality)``
+- one column per sparse field, named by the field, ids in ``[0, cardinality)``: int32
+  for a single-valued field (``max_length`` 1), ``list<int32>`` for a multi-hot
+  field (``max_length`` > 1: 0 to ``max_length`` ids per row, already truncated;
+  an empty list is a row without ids), pooled into one vector by ``pooling``
 - ``dense``: fixed_size_list<float32>[len(dense_fields)], only when there are dense fields
 - extra float32 columns listed in ``extra_columns`` (synthetic data: ``p_true``,
   the planted click probability)
 
 Id conventions of preprocessed data: ``OOV_ID`` (0) for values unseen in train
 or rarer than the min-count, ``MISSING_ID`` (1) for an empty value, then the
-vocabulary by descending train count.
+vocabulary by descending train count. A hashed field (``hash_buckets`` in the
+dataset spec) keeps the same two reserved ids, then its buckets.
+
+Schema version 2 added ``max_length`` and ``pooling``; version 1 files (every
+field single-valued) are still read.
 """
 
 from __future__ import annotations
@@ -37,15 +44,23 @@ LABEL_COLUMN = "label"
 DENSE_COLUMN = "dense"
 OOV_ID = 0
 MISSING_ID = 1
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no max_length / pooling, every field single-valued
+POOLINGS = ("sum", "mean")
 
 
 @dataclass(frozen=True)
 class SparseField:
-    """A categorical field: ids in ``[0, cardinality)``."""
+    """A categorical field: ids in ``[0, cardinality)``; up to ``max_length`` ids per row, pooled by ``pooling``."""
 
     name: str
     cardinality: int
+    max_length: int = 1  # 1: one id per row (an int32 column); > 1: a multi-hot field (a list<int32> column)
+    pooling: str = "sum"  # "sum" | "mean": how a multi-hot field's embeddings become one vector
+
+    @property
+    def multi_hot(self) -> bool:
+        return self.max_length > 1
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,18 @@ class DatasetSchema:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "schema.json") -> "DatasetSchema":
         try:
-            if raw.get("version") != SCHEMA_VERSION:
-                raise UserError(f"{where}: schema version {raw.get('version')!r}, this code reads {SCHEMA_VERSION}")
+            if raw.get("version") not in READABLE_VERSIONS:
+                raise UserError(
+                    f"{where}: schema version {raw.get('version')!r}, this code reads {list(READABLE_VERSIONS)}"
+                )
             schema = cls(
                 dataset=str(raw["dataset"]),
-                sparse_fields=[SparseField(str(f["name"]), int(f["cardinality"])) for f in raw["sparse_fields"]],
+                sparse_fields=[
+                    SparseField(
+                        str(f["name"]), int(f["cardinality"]), int(f.get("max_length", 1)), str(f.get("pooling", "sum"))
+                    )
+                    for f in raw["sparse_fields"]
+                ],
                 dense_fields=[str(d) for d in raw["dense_fields"]],
                 splits={k: SplitInfo(int(v["rows"]), [str(p) for p in v["files"]]) for k, v in raw["splits"].items()},
                 recipe=dict(raw.get("recipe", {})),
@@ -106,6 +128,12 @@ class DatasetSchema:
         bad = [f.name for f in self.sparse_fields if f.cardinality < 1]
         if bad:
             raise UserError(f"{where}: fields with cardinality < 1: {bad}")
+        bad = [f.name for f in self.sparse_fields if f.max_length < 1]
+        if bad:
+            raise UserError(f"{where}: fields with max_length < 1: {bad}")
+        bad = [f.name for f in self.sparse_fields if f.pooling not in POOLINGS]
+        if bad:
+            raise UserError(f"{where}: fields with a pooling other than {list(POOLINGS)}: {bad}")
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise UserError(f"{where}: unknown splits {sorted(unknown)}; expected {list(SPLITS)}")

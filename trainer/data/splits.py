@@ -44,3 +44,32 @@ def assign_splits(row_index: np.ndarray, fractions: tuple[float, float, float], 
     out[u < fractions[0] + fractions[1]] = VAL
     out[u < fractions[0]] = TRAIN
     return out
+
+
+def file_key(file_index: int, row_index: np.ndarray) -> np.ndarray:
+    """The random split's key of a row: its index in the file, offset by ``file_index * 2^40``.
+
+    File 0's keys are its row indices: one input file splits exactly as before
+    inputs could be several. int64 (N,) -> int64 (N,).
+    """
+    return row_index + (np.int64(file_index) << np.int64(40))
+
+
+def files_fractions(splits: set[int], ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The fractions a file listed under ``splits`` spreads its rows by: ``ratios`` kept for those splits."""
+    kept = [r if s in splits else 0.0 for s, r in enumerate(ratios)]
+    if sum(kept) == 0:
+        kept = [1.0 if s in splits else 0.0 for s in range(3)]
+    total = sum(kept)
+    return (kept[0] / total, kept[1] / total, kept[2] / total)
+
+
+def time_splits(times: np.ndarray, train_before: object, val_before: object) -> np.ndarray:
+    """Split id per row by time: ``< train_before`` -> TRAIN, ``< val_before`` -> VAL, else TEST.
+
+    times: (N,) numbers, datetime64 or bytes, comparable with the cut points -> int8 (N,).
+    """
+    out = np.full(times.shape, TEST, dtype=np.int8)
+    out[times < val_before] = VAL
+    out[times < train_before] = TRAIN
+    return out

@@ -34,6 +34,9 @@ Formats: ``criteo-tsv`` writes the raw Criteo Kaggle format (categoricals as
 ``OUTPUT.oracle.json`` (the report), which ``read_oracle`` reads back for the
 preprocessor; ``parquet`` writes a prepared dataset (see ``trainer.data.schema``)
 whose ``recipe`` is the report.
+
+``--schema ads_log`` writes another shape instead: raw daily Parquet files of an ads
+log with a multi-hot history field (``trainer.data.synthetic_ads_log``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from trainer.errors import UserError, run_cli
 from trainer.storage import filesystem
 
 FORMATS = ("parquet", "criteo-tsv")
+SCHEMAS = ("criteo", "ads_log")  # ads_log: trainer.data.synthetic_ads_log
 ORACLE_SUFFIX = ".oracle.json"  # criteo-tsv: the report beside OUTPUT
 INTEGER_FIELDS = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL_FIELDS = tuple(f"C{i}" for i in range(1, 27))
@@ -87,6 +91,8 @@ INTEGER_LOGNORMAL = (
 )  # fmt: skip
 MAX_INTEGER = 10**6
 MAX_INTEGER_TOKEN = int(criteo_integer_token(np.array([MAX_INTEGER]))[0])
+MIN_INTEGER_TOKEN = int(criteo_integer_token(np.array([0]))[0])  # of the smallest value drawn, 0
+INTEGER_TOKENS = MAX_INTEGER_TOKEN - MIN_INTEGER_TOKEN + 1  # token t has table row t - MIN_INTEGER_TOKEN
 
 # The planted structure: low-rank fields (field -> rank) and the interacting field pairs.
 LOW_RANK_FIELDS = {"C3": 1, "C12": 1, "C21": 1, "C4": 2, "C7": 2, "C16": 2}
@@ -194,7 +200,7 @@ class PlantedModel:
     def __init__(self, config: SyntheticConfig):
         self.config = config
         d = config.latent_dim
-        rows = [MAX_INTEGER_TOKEN + 2] * len(INTEGER_FIELDS) + [min(c, MAX_TABLE_ROWS) + 1 for c in config.cardinalities]
+        rows = [INTEGER_TOKENS + 1] * len(INTEGER_FIELDS) + [min(c, MAX_TABLE_ROWS) + 1 for c in config.cardinalities]
         self.table_rows = dict(zip(FIELDS, rows))
         self.ranks = {f: min(LOW_RANK_FIELDS.get(f, d), n, d) for f, n in self.table_rows.items()}
         self.latents: dict[str, np.ndarray] = {}
@@ -218,7 +224,7 @@ class PlantedModel:
         """(first-order logit, full logit), both with the bias, float64 (N,) each (inputs shaped as in ``Rows``)."""
         rows = {}
         for j, f in enumerate(INTEGER_FIELDS):
-            rows[f] = np.where(int_missing[j], self.table_rows[f] - 1, int_tokens[j])
+            rows[f] = np.where(int_missing[j], self.table_rows[f] - 1, int_tokens[j] - MIN_INTEGER_TOKEN)
         for j, f in enumerate(CATEGORICAL_FIELDS):
             n = self.table_rows[f] - 1
             rows[f] = np.where(cat_missing[j], n, cat_ids[j] % n if n < self.config.cardinalities[j] else cat_ids[j])
@@ -275,7 +281,8 @@ class PlantedModel:
             "pair_weight": self.pair_weight,
             "table_rows": (
                 f"categorical: min(cardinality, {MAX_TABLE_ROWS}) + 1, id i -> row i % (table_rows - 1) "
-                f"(aliasing above {MAX_TABLE_ROWS}); integer: token 0..{MAX_INTEGER_TOKEN} + 1; last row = missing"
+                f"(aliasing above {MAX_TABLE_ROWS}); integer: token t in {MIN_INTEGER_TOKEN}..{MAX_INTEGER_TOKEN} "
+                f"-> row t + {-MIN_INTEGER_TOKEN}; last row = missing"
             ),
             "low_rank_fields": {f: self.ranks[f] for f in LOW_RANK_FIELDS},
             "pairs": [list(p) for p in PAIRS],
@@ -283,7 +290,7 @@ class PlantedModel:
                 {"name": f, "ids": ids, "missing_rate": m, "table_rows": self.table_rows[f], "rank": self.ranks[f]}
                 for f, ids, m in zip(
                     FIELDS,
-                    [MAX_INTEGER_TOKEN + 1] * len(INTEGER_FIELDS) + list(self.config.cardinalities),
+                    [INTEGER_TOKENS] * len(INTEGER_FIELDS) + list(self.config.cardinalities),
                     INTEGER_MISSING + CATEGORICAL_MISSING,
                 )
             ],
@@ -361,7 +368,7 @@ def _dataset_tables(rows: Rows, split: np.ndarray) -> Iterator[tuple[str, pa.Tab
     """(split name, table in the prepared-dataset layout) for each split present in the chunk."""
     sparse = {}
     for j, f in enumerate(INTEGER_FIELDS):
-        sparse[f] = np.where(rows.int_missing[j], MISSING_ID, rows.int_tokens[j] + 2)
+        sparse[f] = np.where(rows.int_missing[j], MISSING_ID, rows.int_tokens[j] - MIN_INTEGER_TOKEN + 2)
     for j, f in enumerate(CATEGORICAL_FIELDS):
         sparse[f] = np.where(rows.cat_missing[j], MISSING_ID, rows.cat_ids[j] + 2)
     dense = log_dense(rows.ints.T, rows.int_missing.T)
@@ -413,14 +420,14 @@ def _write_parquet(config: SyntheticConfig, output: str, overwrite: bool, progre
         for rows, split in _chunks(model, metrics, progress):
             for name, table in _dataset_tables(rows, split):
                 writer.write(name, table)
-        cards = [MAX_INTEGER_TOKEN + 3] * len(INTEGER_FIELDS) + [c + 2 for c in config.cardinalities]
+        cards = [INTEGER_TOKENS + 2] * len(INTEGER_FIELDS) + [c + 2 for c in config.cardinalities]
         report = _report(model, metrics, "parquet", [output])
         schema = DatasetSchema(
             dataset="synthetic",
             sparse_fields=[SparseField(f, c) for f, c in zip(FIELDS, cards)],
             dense_fields=list(INTEGER_FIELDS),
             splits=writer.close(),
-            recipe=report,
+            recipe={**report, "train_order": "iid"},  # rows are drawn independently
             extra_columns=["p_true"],
         )
         write_schema(tmp, schema)
@@ -490,7 +497,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m trainer.data.synthetic", description=description(__doc__), formatter_class=HelpFormatter
     )
     p.add_argument("--rows", type=int, required=True, help="number of data rows")
-    p.add_argument("--output", required=True, help="file (criteo-tsv; .gz compresses) or dataset directory (parquet)")
+    p.add_argument("--output", required=True, help="file (criteo-tsv; .gz compresses) or dataset directory (parquet, ads_log)")
+    p.add_argument("--schema", default="criteo", choices=SCHEMAS,
+                   help="criteo: Criteo-shaped rows (as --format says); ads_log: raw daily Parquet files of an ads log "
+                        "with a multi-hot history field (trainer.data.synthetic_ads_log)")  # fmt: skip
+    p.add_argument("--days", type=int, default=7, help="ads_log: days of logs, one file each")
     p.add_argument("--format", default="parquet", choices=FORMATS,
                    help="parquet: a prepared dataset directory; criteo-tsv: raw Criteo Kaggle rows to preprocess")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the planted model and the rows")
@@ -499,6 +510,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the split assignment (as preprocess --seed)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
+    if args.schema == "ads_log":
+        from trainer.data.synthetic_ads_log import AdsLogConfig, generate_ads_log, summary
+
+        start = time.perf_counter()
+        ads = AdsLogConfig(rows=args.rows, days=args.days, seed=args.seed, cardinality_scale=args.cardinality_scale)
+        print(summary(generate_ads_log(ads, args.output, overwrite=args.overwrite), args.output, time.perf_counter() - start))
+        return
     config = SyntheticConfig(
         rows=args.rows,
         seed=args.seed,

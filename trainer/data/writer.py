@@ -32,12 +32,15 @@ def make_table(
 ) -> pa.Table:
     """Build one batch in the on-disk layout.
 
-    labels: (N,) 0/1; sparse: field -> (N,) int ids; dense: (N, D) float32 or None;
-    extras: name -> (N,) float32.
+    labels: (N,) 0/1; sparse: field -> (N,) int ids, or a list array of ids (a multi-hot field);
+    dense: (N, D) float32 or None; extras: name -> (N,) float32.
     """
     columns: dict[str, pa.Array] = {LABEL_COLUMN: pa.array(np.asarray(labels, dtype=np.int8))}
     for name, ids in sparse.items():
-        columns[name] = ids.cast(pa.int32()) if isinstance(ids, pa.Array) else pa.array(np.asarray(ids, dtype=np.int32))
+        if isinstance(ids, pa.Array):
+            columns[name] = ids.cast(pa.list_(pa.int32()) if pa.types.is_list(ids.type) else pa.int32())
+        else:
+            columns[name] = pa.array(np.asarray(ids, dtype=np.int32))
     if dense is not None and dense.shape[1] > 0:
         flat = pa.array(np.ascontiguousarray(dense, dtype=np.float32).reshape(-1))
         columns[DENSE_COLUMN] = pa.FixedSizeListArray.from_arrays(flat, dense.shape[1])
@@ -88,11 +91,16 @@ class _PartFile:
 
 
 class DatasetWriter:
-    """Append batches to the train/val/test part files under ``root_url``."""
+    """Append batches to the train/val/test part files under ``root_url``.
 
-    def __init__(self, root_url: str, files_per_split: int = 4, row_group_rows: int = 1 << 16):
+    Part files are numbered from ``first_part`` (several writers, one per input
+    file, share a split directory).
+    """
+
+    def __init__(self, root_url: str, files_per_split: int = 4, row_group_rows: int = 1 << 16, first_part: int = 0):
         self.root_url = root_url
         self.files_per_split = files_per_split
+        self.first_part = first_part
         self.row_group_rows = row_group_rows
         self._parts: dict[str, list[_PartFile]] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -118,14 +126,15 @@ class DatasetWriter:
             fs, path = filesystem(join(self.root_url, split))
             fs.makedirs(path, exist_ok=True)
             parts = [
-                _PartFile(
-                    join(self.root_url, split, f"part-{i:05d}.parquet"), table.schema, self.row_group_rows, self._submit
-                )
+                _PartFile(join(self.root_url, split, self._name(i)), table.schema, self.row_group_rows, self._submit)
                 for i in range(self.files_per_split)
             ]
             self._parts[split] = parts
         for start in range(0, table.num_rows, self.row_group_rows):
             min(parts, key=lambda p: p.rows).append(table.slice(start, self.row_group_rows))
+
+    def _name(self, i: int) -> str:
+        return f"part-{self.first_part + i:05d}.parquet"
 
     def close(self) -> dict[str, SplitInfo]:
         """Finish every file; returns the split infos for ``schema.json``. Empty splits have no files."""
@@ -143,11 +152,11 @@ class DatasetWriter:
             parts = self._parts.get(split, [])
             for p in parts:
                 p.close()
-            files = [f"{split}/part-{i:05d}.parquet" for i, p in enumerate(parts) if p.rows > 0]
+            files = [f"{split}/{self._name(i)}" for i, p in enumerate(parts) if p.rows > 0]
             # part files that got no rows are removed: they would only confuse readers
             for i, p in enumerate(parts):
                 if p.rows == 0:
-                    fs, path = filesystem(join(self.root_url, split, f"part-{i:05d}.parquet"))
+                    fs, path = filesystem(join(self.root_url, split, self._name(i)))
                     fs.rm(path)
             infos[split] = SplitInfo(rows=sum(p.rows for p in parts), files=files)
         return infos

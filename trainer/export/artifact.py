@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from trainer.atomic_output import atomic_directory
 from trainer.collapse.analysis import CollapseReport, analyze_field
 from trainer.collapse.gram import field_gram
-from trainer.data.schema import DatasetSchema, read_schema
+from trainer.data.schema import DatasetSchema, SparseField, read_schema
 from trainer.errors import UserError
 from trainer.eval_metrics import auc
 from trainer.export import QUANTIZE_MODES, runtime
@@ -69,15 +70,33 @@ class ExportConfig:
             raise UserError(f"--eval-rows {self.eval_rows}: expected a positive number")
 
 
+def serving_ids(batch: pa.RecordBatch, fields: list[SparseField]) -> np.ndarray:
+    """The program's ids (N, W) int64 of a prepared batch: a field's ``max_length`` columns,
+    a multi-hot field's ids first and -1 after them."""
+    columns = []
+    for f in fields:
+        column = batch.column(f.name)
+        if not f.multi_hot:
+            columns.append(column.to_numpy().astype(np.int64)[:, None])
+            continue
+        offsets = column.offsets.to_numpy()
+        counts = np.diff(offsets)
+        padded = np.full((len(column), f.max_length), -1, dtype=np.int64)
+        padded[np.arange(f.max_length) < counts[:, None]] = column.values.to_numpy()[offsets[0] : offsets[-1]]
+        columns.append(padded)
+    return np.concatenate(columns, axis=1)
+
+
 def test_split(dataset_url: str, schema: DatasetSchema, limit: int | None) -> tuple[torch.Tensor, np.ndarray]:
-    """(ids (N, F) int64 in the schema's field order, labels (N,)) of the test split's first ``limit`` rows."""
+    """(ids (N, W) int64 in the program's layout (``serving_ids``), labels (N,)) of the test
+    split's first ``limit`` rows."""
     split = schema.splits.get("test")
     if split is None or split.rows == 0:
         raise UserError(f"{dataset_url}: no test rows to check the export on")
     ids, labels, rows = [], [], 0
     for batch in _parquet_batches(dataset_url, split.files, schema.field_names):
         take = batch.num_rows if limit is None else min(batch.num_rows, limit - rows)
-        ids.append(np.stack([batch.column(f).to_numpy()[:take] for f in schema.field_names], axis=1))
+        ids.append(serving_ids(batch.slice(0, take), schema.sparse_fields))
         labels.append(batch.column("label").to_numpy()[:take])
         rows += take
         if limit is not None and rows >= limit:
@@ -93,7 +112,7 @@ def _parquet_batches(dataset_url: str, files: list[str], fields: list[str]) -> I
 
 
 def score(program: torch.nn.Module, ids: torch.Tensor) -> np.ndarray:
-    """Probabilities (N,) of the exported program on ids (N, F), in batches."""
+    """Probabilities (N,) of the exported program on ids (N, W), in batches."""
     with torch.no_grad():
         return torch.cat([program(ids[i : i + EVAL_BATCH]) for i in range(0, len(ids), EVAL_BATCH)]).numpy()
 
@@ -156,7 +175,7 @@ def export_artifact(config: ExportConfig) -> dict[str, Any]:
     spec, vocab_files = build_feature_spec(dataset_url, schema, loaded.model.sparse_arch.field_names)
     collapse = collapse_of(loaded)
 
-    serving = ServingModel.from_model(loaded.model)
+    serving = ServingModel.from_model(loaded.model, [f.max_length for f in schema.sparse_fields])
     ids, labels = test_split(dataset_url, schema, config.eval_rows)
     fp32_program = export_program(serving)
     fp32_scores = score(fp32_program.module(), ids)
@@ -237,8 +256,15 @@ def model_card(
         "embedding": identity["embedding"] | {"num_sets": served.num_sets, "dim": served.dim},
         "training_config": loaded.train_config,
         "inputs": {
-            "ids": f"(B, {served.num_fields}) int64, column f = the id of field f (feature_spec.json)",
+            "ids": (
+                f"(B, {served.width}) int64, column f = the id of field f (feature_spec.json)"
+                if served.width == served.num_fields
+                else f"(B, {served.width}) int64: each field's max_length columns in field order, "
+                "a multi-hot field's ids and -1 for no id (feature_spec.json)"
+            ),
             "fields": [f["name"] for f in spec["fields"]],
+            "max_lengths": served.max_lengths,
+            "poolings": served.poolings,
         },
         "output": "(B,) float32 click probability",
         "quantization": {
@@ -251,6 +277,8 @@ def model_card(
             "dataset": schema.dataset,
             "path": dataset_url,
             "fields": identity["fields"],
+            "sparse_fields": [dataclasses.asdict(f) for f in schema.sparse_fields],
+            "dense_fields": schema.dense_fields,
             "split_rows": {name: s.rows for name, s in schema.splits.items()},
             "recipe": schema.recipe,
         },

@@ -7,16 +7,19 @@ the artifact alone::
     import sys; sys.path.insert(0, "ARTIFACT")
     from predictor import Predictor
     p = Predictor("ARTIFACT")                 # checks every file's sha256 first
-    p.predict_ids(ids)                        # (B, F) int64 ids -> (B,) click probabilities
+    p.predict_ids(ids)                        # (B, W) int64 ids -> (B,) click probabilities
     p.predict_rows([["1", "", ...]])          # raw rows without the label -> (B,)
     p.score_file("day_0.tsv", "scores.csv", labeled=False)   # raw file -> row,probability[,label]
 
 Artifact layout (``trainer.export`` writes it; every file is listed with its sha256 in
 ``MANIFEST.json``)::
 
-    program.pt2          torch.export program: ids (B, F) int64 -> probabilities (B,) float32
+    program.pt2          torch.export program: ids (B, W) int64 -> probabilities (B,) float32
     feature_spec.json    the raw layout, field order and the raw value -> id transform
-    vocab/FIELD.json     the field's vocabulary: token i has id first_vocab_id + i
+    vocab/FIELD.json     the field's vocabulary: token i has id first_vocab_id + i (not for a hashed field)
+
+The ids have a column per field (W = F), except that a multi-hot field (``max_length``
+L > 1 in the spec) takes L columns: its ids, then -1 (no id).
     model_card.json/.md  what the model is, where it came from, how good it is
     predictor.py         this file
 
@@ -26,9 +29,14 @@ loading it runs no pickled code.
 
 The raw value -> id transform is the preprocessing recipe (``trainer.data.preprocess``):
 an empty value is ``missing_id``; an integer field's value ``v`` becomes the token
-``v`` if ``v <= 2`` else ``floor(ln(v)^2)``, computed here exactly as the preprocessor's
-numpy code did by the thresholds in the spec (``token = number of thresholds <= v``);
-the token's text is looked up in the vocabulary, and a token not in it is ``oov_id``.
+``v - 2`` if ``v <= 2`` else ``floor(ln(v)^2)``, computed here exactly as the preprocessor's
+numpy code did by the shift and thresholds in the spec (``token = v + small_shift`` for
+``v <= small_max``, else ``token = number of thresholds <= v``);
+a bucketed number's token is the number of boundaries <= v; the token's text is looked
+up in the vocabulary, and a token not in it is ``oov_id``; a hashed field's id is
+``first_vocab_id + hash % hash_buckets`` (``hash_token``, the preprocessor's hash). A
+multi-hot value is cut at its separator (or is a list), empty pieces dropped, the first
+``max_length`` kept.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ FEATURE_SPEC = "feature_spec.json"
 MANIFEST = "MANIFEST.json"
 RUNTIME = "predictor.py"
 _INTEGER = re.compile(r"^-?[0-9]{1,18}$")  # as the preprocessor: at most 18 digits
+_NUMBER = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")  # as the preprocessor
+_MASK64 = (1 << 64) - 1
 _CHUNK = 1 << 20
 
 
@@ -132,32 +142,42 @@ class RawLayout:
 
 
 class FeatureTransform:
-    """Raw rows -> (B, F) int64 ids, exactly as the preprocessor mapped them."""
+    """Raw rows -> (B, W) int64 ids, exactly as the preprocessor mapped them."""
 
     def __init__(self, root: Path, spec: dict):
         raw = spec["raw"]
         self.layout = RawLayout(tuple(raw["columns"]), raw["label"], raw["delimiter"], raw["has_header"], raw["quoted"])
         self.fields: list[str] = [f["name"] for f in spec["fields"]]
-        self.kinds: list[str] = [f["kind"] for f in spec["fields"]]
+        self.kinds: list[str] = [f["kind"] for f in spec["fields"]]  # categorical | integer | buckets
         self.cardinalities: list[int] = [f["cardinality"] for f in spec["fields"]]
+        self.max_lengths: list[int] = [f.get("max_length", 1) for f in spec["fields"]]
+        self.separators: list[str | None] = [f.get("separator") for f in spec["fields"]]
+        self.boundaries: list[list[float] | None] = [f.get("boundaries") for f in spec["fields"]]
+        self.hash_buckets: list[int | None] = [f.get("hash_buckets") for f in spec["fields"]]
         ids = spec["ids"]
-        self.oov_id, self.missing_id, first = ids["oov"], ids["missing"], ids["first_vocab_id"]
+        self.oov_id, self.missing_id, self.first_id = ids["oov"], ids["missing"], ids["first_vocab_id"]
         self.thresholds: list[int] = spec["integer_token"]["thresholds"]
-        self.identity_max: int = spec["integer_token"]["identity_max"]
-        self.vocab: list[dict[str, int]] = []
+        self.small_max: int = spec["integer_token"]["small_max"]
+        self.small_shift: int = spec["integer_token"]["small_shift"]
+        self.vocab: list[dict[str, int] | None] = []
         for f in spec["fields"]:
+            if f.get("vocab") is None:  # a hashed field
+                self.vocab.append(None)
+                continue
             path = root / f["vocab"]
             try:
                 tokens = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise ArtifactError(f"{path}: cannot read the vocabulary of {f['name']} ({e})") from None
-            if first + len(tokens) != f["cardinality"]:
+            if self.first_id + len(tokens) != f["cardinality"]:
                 raise ArtifactError(f"{path}: {len(tokens)} tokens, but {f['name']} has cardinality {f['cardinality']}")
-            self.vocab.append({t: first + i for i, t in enumerate(tokens)})
-        self._integer_tokens: list[dict[str, str]] = [{} for _ in self.fields]  # raw text -> token text, memoised
+            self.vocab.append({t: self.first_id + i for i, t in enumerate(tokens)})
+        self._numeric_tokens: list[dict[str, str]] = [{} for _ in self.fields]  # raw text -> token text, memoised
 
     def integer_token(self, value: int) -> int:
-        return value if value <= self.identity_max else bisect.bisect_right(self.thresholds, value)
+        if value <= self.small_max:
+            return value + self.small_shift
+        return bisect.bisect_right(self.thresholds, value)
 
     def field_positions(self, width: int, where: str, labeled: bool) -> tuple[list[int], int | None]:
         """Positions of the fields in a row of ``width`` columns with (``labeled``) or without
@@ -176,25 +196,82 @@ class FeatureTransform:
             )
         return [columns.index(f) for f in self.fields], (columns.index(self.layout.label) if labeled else None)
 
-    def ids(self, rows: Sequence[Sequence[str]], positions: list[int], lines: Sequence[int] | None = None, source: str = "row") -> torch.Tensor:
-        """(B, F) int64 ids of raw ``rows`` (value strings, "" = missing; every row as wide as
-        the first), column by column. ``lines`` (default 1, 2, ...) name rows in errors."""
+    def ids(self, rows: Sequence[Sequence[Any]], positions: list[int], lines: Sequence[int] | None = None, source: str = "row") -> torch.Tensor:
+        """(B, W) int64 ids of raw ``rows`` (every row as wide as the first; the fields at
+        ``positions``), see ``column_ids``. ``lines`` (default 1, 2, ...) name rows in errors."""
         columns = list(zip(*rows))
-        out = []
-        for f, p in enumerate(positions):
-            values = columns[p]
-            vocab, missing, oov = self.vocab[f], self.missing_id, self.oov_id
-            if self.kinds[f] == "integer":
-                tokens = self._integer_tokens[f]
-                for r, value in enumerate(values):
-                    if value not in tokens and value != "":
-                        if not _INTEGER.match(value):
-                            line = lines[r] if lines is not None else r + 1
-                            raise ArtifactError(f"{source}:{line}: {self.fields[f]} {value!r} is not an integer")
-                        tokens[value] = str(self.integer_token(int(value)))
-                values = [tokens.get(v, v) for v in values]
-            out.append([vocab.get(v, oov) if v != "" else missing for v in values])
-        return torch.tensor(out, dtype=torch.int64).reshape(len(positions), len(rows)).t().contiguous()
+        return self.column_ids([columns[p] for p in positions], len(rows), lines, source)
+
+    def column_ids(
+        self, columns: Sequence[Sequence[Any]], rows: int, lines: Sequence[int] | None = None, source: str = "row"
+    ) -> torch.Tensor:
+        """(B, W) int64 ids from each field's raw values (``columns[f]``, B of them): a value is
+        text ("" or None = missing); a multi-hot field's value is text cut at its separator, or
+        a list of texts (a Parquet list), its first ``max_length`` non-empty pieces kept and -1
+        in its remaining columns."""
+        out: list[list[int]] = []
+        for f, values in enumerate(columns):
+            if self.max_lengths[f] == 1:
+                out.append(self._single_ids(f, values, lines, source))
+                continue
+            width, separator = self.max_lengths[f], self.separators[f]
+            padded: list[list[int]] = [[] for _ in range(width)]
+            for value in values:
+                if value is None or value == "":
+                    pieces = []
+                elif isinstance(value, str):
+                    if separator is None:
+                        raise ArtifactError(f"{source}: {self.fields[f]} is a list column; got the text {value!r}")
+                    pieces = [p for p in value.split(separator) if p]
+                else:
+                    pieces = [p for p in value if p is not None and p != ""]
+                found = [self._token_id(f, p) for p in pieces[:width]]
+                for j in range(width):
+                    padded[j].append(found[j] if j < len(found) else -1)
+            out.extend(padded)
+        return torch.tensor(out, dtype=torch.int64).reshape(len(out), rows).t().contiguous()
+
+    def _single_ids(self, f: int, values: Sequence[Any], lines: Sequence[int] | None, source: str) -> list[int]:
+        if self.kinds[f] in ("integer", "buckets"):
+            tokens = self._numeric_tokens[f]
+            for r, value in enumerate(values):
+                if value is not None and value != "" and value not in tokens:
+                    tokens[value] = self._numeric_token(f, value, lines[r] if lines is not None else r + 1, source)
+            values = [tokens.get(v, v) for v in values]
+        missing = self.missing_id
+        return [self._token_id(f, v) if v is not None and v != "" else missing for v in values]
+
+    def _numeric_token(self, f: int, value: str, line: int, source: str) -> str:
+        """The token text of a numeric field's raw text: the integer recipe, or the bucket index."""
+        if self.kinds[f] == "integer":
+            if not _INTEGER.match(value):
+                raise ArtifactError(f"{source}:{line}: {self.fields[f]} {value!r} is not an integer")
+            return str(self.integer_token(int(value)))
+        if not _NUMBER.fullmatch(value):
+            raise ArtifactError(f"{source}:{line}: {self.fields[f]} {value!r} is not a number")
+        return str(bisect.bisect_right(self.boundaries[f], float(value)))
+
+    def _token_id(self, f: int, token: str) -> int:
+        vocab = self.vocab[f]
+        if vocab is not None:
+            return vocab.get(token, self.oov_id)
+        return self.first_id + hash_token(token.encode()) % self.hash_buckets[f]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def hash_token(token: bytes) -> int:
+    """The preprocessor's 64-bit token hash (``trainer.data.hashing``): the bytes cut into
+    little-endian 8-byte words, the last zero-padded, folded by splitmix64 from the byte length."""
+    h = len(token)
+    for start in range(0, len(token), 8):
+        h = _splitmix64(h ^ int.from_bytes(token[start : start + 8].ljust(8, b"\0"), "little"))
+    return h
 
 
 class Predictor:
@@ -217,7 +294,12 @@ class Predictor:
             raise ArtifactError(f"{self.root}: malformed JSON ({e})") from None
         self.transform = FeatureTransform(self.root, self.spec)
         self.fields = self.transform.fields
-        self._cardinalities = torch.tensor(self.transform.cardinalities, dtype=torch.int64)
+        self.max_lengths: list[int] = self.transform.max_lengths
+        self.width = sum(self.max_lengths)  # the program's ids columns
+        # per column: its field, the field's cardinality and its lowest id (-1 = no id, in a multi-hot field)
+        self._column_field = [f for f, n in enumerate(self.max_lengths) for _ in range(n)]
+        self._cardinalities = torch.tensor([self.transform.cardinalities[f] for f in self._column_field], dtype=torch.int64)
+        self._lowest = torch.tensor([-1 if self.max_lengths[f] > 1 else 0 for f in self._column_field], dtype=torch.int64)
         check_no_pickles(self.root / PROGRAM)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -226,20 +308,24 @@ class Predictor:
     def predict_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            ids (torch.Tensor): (B, F) int64, column f = the id of field ``fields[f]``.
+            ids (torch.Tensor): (B, W) int64: field ``fields[f]`` takes ``max_lengths[f]``
+                consecutive columns (one per field without multi-hot fields); a multi-hot
+                field's columns hold its ids and -1 for no id.
 
         Returns:
             torch.Tensor: (B,) float32 click probabilities.
         """
-        if ids.dim() != 2 or ids.shape[1] != len(self.fields) or ids.dtype != torch.int64:
-            raise ArtifactError(f"ids: expected a (B, {len(self.fields)}) int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.dim() != 2 or ids.shape[1] != self.width or ids.dtype != torch.int64:
+            raise ArtifactError(f"ids: expected a (B, {self.width}) int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[0] == 0:
             return torch.zeros(0)
-        bad = (ids < 0) | (ids >= self._cardinalities)
+        bad = (ids < self._lowest) | (ids >= self._cardinalities)
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])
+            field = self._column_field[col]
             raise ArtifactError(
-                f"ids[{row}, {col}] = {int(ids[row, col])}: outside [0, {int(self._cardinalities[col])}) of {self.fields[col]}"
+                f"ids[{row}, {col}] = {int(ids[row, col])}: outside [{int(self._lowest[col])}, "
+                f"{int(self._cardinalities[col])}) of {self.fields[field]}"
             )
         with torch.no_grad():
             return self.program(ids)
@@ -309,33 +395,51 @@ class Predictor:
         labeled: bool | None = None,
         overwrite: bool = False,
     ) -> int:
-        """Score every row of ``input_path`` into ``output_path`` (CSV ``row,probability[,label]``,
-        written under a temporary name and renamed when complete). ``labeled``: whether the rows
-        have the label column (required when the layout has no header; see ``read_rows``). An
-        existing output is an error unless ``overwrite``. Returns the row count."""
+        """Score every row of the raw text file ``input_path`` into ``output_path`` (CSV
+        ``row,probability[,label]``, written under a temporary name and renamed when complete).
+        ``labeled``: whether the rows have the label column (required when the layout has no
+        header; see ``read_rows``). An existing output is an error unless ``overwrite``.
+        Returns the row count."""
+        output = self.check_output(output_path, overwrite)
+        has_label, rows = self.read_rows(input_path, labeled)
+
+        def batches() -> Iterator[tuple[torch.Tensor, list[str] | None]]:
+            for lines, batch in _batches(rows, batch_rows):
+                ids, label = self._ids(batch, has_label, str(input_path), lines)
+                yield ids, None if label is None else [row[label] for row in batch]
+
+        try:
+            return self.write_scores(output, batches(), has_label)
+        finally:
+            rows.close()
+
+    def check_output(self, output_path: str | os.PathLike, overwrite: bool) -> Path:
+        """The output path, after checking that it can be written (and may be replaced)."""
         output = Path(output_path)
         if not output.parent.is_dir():
             raise ArtifactError(f"cannot write {output}: its directory {output.parent} does not exist")
         if output.exists() and not overwrite:
             raise ArtifactError(f"output already exists: {output} (remove it or pass --overwrite)")
-        has_label, rows = self.read_rows(input_path, labeled)
+        return output
+
+    def write_scores(self, output: Path, batches: Iterable[tuple[torch.Tensor, list[str] | None]], has_label: bool) -> int:
+        """Write ``row,probability[,label]`` for batches of (ids (B, W), labels or None) into
+        ``output`` (under a temporary name, renamed when complete); returns the row count."""
         tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         count = 0
         try:
             with open(tmp, "w", newline="") as out:
                 writer = csv.writer(out)
                 writer.writerow(["row", "probability"] + (["label"] if has_label else []))
-                for lines, batch in _batches(rows, batch_rows):
-                    ids, label = self._ids(batch, has_label, str(input_path), lines)
+                for ids, labels in batches:
                     probabilities = self.predict_ids(ids).tolist()
-                    if label is None:
+                    if labels is None:
                         writer.writerows([count + i, f"{p:.9g}"] for i, p in enumerate(probabilities))
                     else:
-                        writer.writerows([count + i, f"{p:.9g}", row[label]] for i, (p, row) in enumerate(zip(probabilities, batch)))
-                    count += len(batch)
+                        writer.writerows([count + i, f"{p:.9g}", y] for i, (p, y) in enumerate(zip(probabilities, labels)))
+                    count += len(probabilities)
             os.replace(tmp, output)
         finally:
-            rows.close()
             if tmp.exists():
                 tmp.unlink()
         return count

@@ -59,7 +59,8 @@ def resolve_for_export(url: str) -> str:
 def build_model(identity: dict[str, Any], where: str) -> MultiEmbeddingCTR:
     """The unsharded model a checkpoint's identity describes (weights: the seeded init)."""
     try:
-        fields = [SparseField(str(name), int(card)) for name, card in identity["fields"]]
+        pooling = identity.get("pooling", {})  # fields pooled otherwise than by sum (multi-hot, mean)
+        fields = [SparseField(str(name), int(card), pooling=str(pooling.get(name, "sum"))) for name, card in identity["fields"]]
         model_config = ModelConfig(**identity["model"])
         embedding = EmbeddingConfig(**identity["embedding"])
     except (KeyError, TypeError, ValueError) as e:

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.schema import SparseField
 from trainer.job_config import EmbeddingConfig, ModelConfig
+from trainer.model.global_batchnorm import use_global_batchnorm
 from trainer.model.heads import ProjectionBlock
 from trainer.model.interactions import INTERACTIONS
 from trainer.model.sparse_arch import MultiEmbeddingSparseArch
@@ -83,20 +84,22 @@ class MultiEmbeddingCTR(nn.Module):
         ``table_device`` (default CPU) holds the tables: pass ``torch.device("meta")`` for
         a model that is about to be sharded, so that no rank allocates whole tables
         (``trainer.sharding.shard_model`` draws each shard). ``DistributedModelParallel``
-        or ``.to()`` moves the dense layers.
+        or ``.to()`` moves the dense layers. With ``config.sync_batchnorm`` every ``BatchNorm1d``
+        is a ``GlobalBatchNorm1d`` (statistics over all ranks' rows; same state dict).
         """
         num_sets, dim = embedding.num_sets, embedding.dim
         interaction_cls = INTERACTIONS[config.name]
         head = interaction_cls.head
         with torch.random.fork_rng(devices=[]):
             sparse_arch = MultiEmbeddingSparseArch(
-                fields, num_sets, dim, seed, device=table_device, data_type=embedding.data_type
+                fields, num_sets, dim, seed, device=table_device, data_type=embedding.data_type, init=embedding.init
             )
             torch.manual_seed(seed)
             # drawn in this order: every interaction, every projection, then the tail
             interactions = [interaction_cls.from_config(config, len(fields), dim, num_sets) for _ in range(num_sets)]
             projections = [head.projection(interaction, config) for interaction in interactions]
-            return cls(sparse_arch, interactions, projections, head.tail(interactions[0], config))
+            model = cls(sparse_arch, interactions, projections, head.tail(interactions[0], config))
+        return use_global_batchnorm(model) if config.sync_batchnorm else model
 
     def embedding_weight_keys(self) -> dict[tuple[int, str], str]:
         """(set, field) -> the state-dict key of that table's weight (the same key in the
@@ -123,10 +126,13 @@ class MultiEmbeddingCTR(nn.Module):
         Returns:
             torch.Tensor: logits, (B,).
         """
-        # indexed by set, not iterated, so that torch.fx (TrainPipelineSparseDist) can trace it
+        # unbind: the backward writes every set's gradient in one stack (a per-set ``embeddings[m]``
+        # would zero-fill the whole (M, B, F, K) gradient once per set); indexed by set, not
+        # iterated, so that torch.fx (TrainPipelineSparseDist) can trace it
+        sets = embeddings.unbind(0)
         fused = torch.stack(
             [
-                projection(interaction(embeddings[m]))
+                projection(interaction(sets[m]))
                 for m, (interaction, projection) in enumerate(zip(self.interactions, self.projections))
             ]
         ).mean(dim=0)  # (B, P)

@@ -43,12 +43,16 @@ class TableInfo:
     cardinality: int
     dim: int  # K, the columns the model uses
     storage_dim: int  # the stored width: K rounded up to a multiple of 4 (FBGEMM)
+    init_bound: float  # initial values are U(-init_bound, init_bound) (``init_bound``)
 
 
 INIT_BLOCK_ROWS = 1 << 16
 
 # ``embedding.data_type`` -> the tables' TorchRec data type
 TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+# ``SparseField.pooling`` -> the tables' TorchRec pooling (a single-id field: sum of one id = the id's row)
+POOLING_TYPES = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_seed(seed: int, set_index: int, field: str, block: int = 0) -> int:
@@ -61,20 +65,36 @@ def table_seed(seed: int, set_index: int, field: str, block: int = 0) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def init_bound(init: str, cardinality: int, cardinalities: Sequence[int], dim: int) -> float:
+    """The half-width of one table's initial uniform values, by ``embedding.init``:
+
+    - ``"uniform"``: ``sqrt(1/cardinality)``, per table (TorchRec's default);
+    - ``"xavier_concat"``: the authors' Xavier-uniform over one set's concatenated vocabulary
+      (``nn.Embedding(sum(cardinalities), dim)``, ``xavier_uniform_``: fan-in ``dim``, fan-out
+      the rows), ``sqrt(6/(sum(cardinalities) + dim))``, the same for every table of every
+      set (the authors' ME sets are such tables of the set dim each).
+    """
+    if init == "uniform":
+        return math.sqrt(1.0 / cardinality)
+    if init == "xavier_concat":
+        return math.sqrt(6.0 / (sum(cardinalities) + dim))
+    raise UserError(f"embedding init {init!r}: expected uniform or xavier_concat")
+
+
 def init_table_(
     weight: torch.Tensor, table: TableInfo, seed: int, row_offset: int = 0, col_offset: int = 0
 ) -> torch.Tensor:
     """Fill ``weight`` with its window of the seeded initial value of ``table``.
 
-    The full table is ``U(-sqrt(1/cardinality), sqrt(1/cardinality))`` (TorchRec's default
-    embedding init), drawn in blocks of ``INIT_BLOCK_ROWS`` rows of ``dim`` columns, block
+    The full table is ``U(-table.init_bound, table.init_bound)`` (``init_bound``),
+    drawn in blocks of ``INIT_BLOCK_ROWS`` rows of ``dim`` columns, block
     ``i`` from a CPU generator seeded with ``table_seed(seed, set, field, i)``; padding
     columns up to ``storage_dim`` are zero. ``weight`` is the
     ``(rows, cols)`` window at ``(row_offset, col_offset)``: the whole table, or one shard
     of it, which is thus initialised without materialising the rest.
     """
     rows, cols = weight.shape
-    bound = math.sqrt(1.0 / table.cardinality)
+    bound = table.init_bound
     values = torch.empty(rows, cols, dtype=torch.float32)
     first_block, end_block = row_offset // INIT_BLOCK_ROWS, -(-(row_offset + rows) // INIT_BLOCK_ROWS)
     for block in range(first_block, end_block):
@@ -89,11 +109,26 @@ def init_table_(
     return weight
 
 
+@torch.fx.wrap  # a leaf of TrainPipelineSparseDist's trace: it reads the key order of the real output
+def _set_major(pooled: KeyedTensor, keys: list[str], num_sets: int, num_fields: int, dim: int) -> torch.Tensor:
+    """The first ``dim`` columns of each key's pooled embedding, keys in the order of ``keys``
+    (set-major, field-minor), as (B, M, F, K) float32: one gather of the output's columns,
+    whatever order the (sharded) collection returned its keys in, padding columns dropped."""
+    values = pooled.values()
+    offsets = dict(zip(pooled.keys(), pooled.offset_per_key()))
+    starts = torch.tensor([offsets[key] for key in keys], device=values.device)
+    columns = (starts[:, None] + torch.arange(dim, device=values.device)).flatten()  # (M*F*K,)
+    # float32 whatever the tables hold (the sharded kernels already return fp32; unsharded fp16 bags do not)
+    return values.index_select(1, columns).float().view(-1, num_sets, num_fields, dim)
+
+
 class MultiEmbeddingSparseArch(nn.Module):
-    """Looks up M independent embedding sets for F single-id fields.
+    """Looks up M independent embedding sets for F fields (one id per row, or a multi-hot
+    field's ids pooled by its ``pooling``: sum or mean; no ids pool to zeros).
 
     Args:
-        fields (Sequence[SparseField]): the F categorical fields, ids in ``[0, cardinality)``.
+        fields (Sequence[SparseField]): the F categorical fields, ids in ``[0, cardinality)``,
+            each with its ``pooling``.
         num_sets (int): M, the number of embedding sets.
         dim (int): K, the embedding dim of every table.
         seed (int): the init seed: every table is drawn from (seed, set, field) by
@@ -102,6 +137,8 @@ class MultiEmbeddingSparseArch(nn.Module):
             allocation to sharding.
         data_type (str): the tables' storage, ``"fp32"`` or ``"fp16"``
             (``embedding.data_type``); lookups are returned as float32 either way.
+        init (str): the initial values' bound, ``"uniform"`` or ``"xavier_concat"``
+            (``embedding.init``; see ``init_bound``).
 
     Example::
 
@@ -120,6 +157,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         seed: int,
         device: torch.device | None = None,
         data_type: str = "fp32",
+        init: str = "uniform",
     ) -> None:
         super().__init__()
         names = [f.name for f in fields]
@@ -145,7 +183,7 @@ class MultiEmbeddingSparseArch(nn.Module):
                 embedding_dim=storage_dim(dim),
                 num_embeddings=f.cardinality,
                 feature_names=[f.name],
-                pooling=PoolingType.SUM,
+                pooling=POOLING_TYPES[f.pooling],  # a multi-hot field's ids pool into one vector
                 data_type=TABLE_DATA_TYPES[data_type],
             )
             for m in range(num_sets)
@@ -154,7 +192,10 @@ class MultiEmbeddingSparseArch(nn.Module):
         keys = [names_of_table[0] for names_of_table in get_embedding_names_by_table(tables)]
         # set-major, field-minor: the order ``forward`` stacks the pooled embeddings in.
         self.tables: list[TableInfo] = [
-            TableInfo(m, f.name, config.name, key, f.cardinality, dim, storage_dim(dim))
+            TableInfo(
+                m, f.name, config.name, key, f.cardinality, dim, storage_dim(dim),
+                init_bound(init, f.cardinality, [g.cardinality for g in fields], dim),
+            )  # fmt: skip
             for (m, f), config, key in zip(((m, f) for m in range(num_sets) for f in fields), tables, keys)
         ]
         self.seed: int = seed
@@ -184,21 +225,19 @@ class MultiEmbeddingSparseArch(nn.Module):
         """Arrange the pooled embeddings by key.
 
         Args:
-            pooled (KeyedTensor): one (B, K) embedding per table, keys in any order.
+            pooled (KeyedTensor): one (B, S) embedding per table, keys in any order.
 
         Returns:
-            torch.Tensor: (M, B, F, K).
+            torch.Tensor: (M, B, F, K), a view of (B, M, F, K) rows: one set's (B, F * K) is a view too.
         """
-        by_key = pooled.to_dict()
-        # float32 whatever the tables hold (the sharded kernels already return fp32; unsharded fp16 bags do not)
-        stacked = torch.stack([by_key[t.key][:, : self.dim].float() for t in self.tables], dim=1)  # (B, M*F, K)
-        return stacked.view(-1, self.num_sets, len(self.field_names), self.dim).transpose(0, 1)
+        keys = [t.key for t in self.tables]
+        return _set_major(pooled, keys, self.num_sets, len(self.field_names), self.dim).transpose(0, 1)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """
         Args:
-            features (KeyedJaggedTensor): keys = the field names (any order), one id
-                per field per row.
+            features (KeyedJaggedTensor): keys = the field names (any order), a row's ids
+                per field (one for a single-valued field, 0..max_length for a multi-hot one).
 
         Returns:
             torch.Tensor: (M, B, F, K).

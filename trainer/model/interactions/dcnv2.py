@@ -14,6 +14,22 @@ from trainer.job_config import ModelConfig
 from trainer.model.heads import ProjectedMLP
 
 
+class RowCrossNet(CrossNet):
+    """TorchRec's ``CrossNet`` (same parameters, state-dict keys and initial values) on
+    (B, N) rows: ``x_l W_l^T`` is one ``mm`` where ``CrossNet`` multiplies ``W_l`` into
+    (B, N, 1) columns (a broadcast matmul folded with transposes, and a (N, 1) bias
+    broadcast over them). The same operations in the same order, so the forward is bit for
+    bit ``CrossNet``'s; fusing the bias into ``addmm`` or the update into ``addcmul`` was
+    measured no faster here and rounds differently."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> (B, N)."""
+        x = input
+        for kernel, bias in zip(self.kernels, self.bias):
+            x = input * (torch.mm(x, kernel.t()) + bias.view(-1)) + x
+        return x
+
+
 class DCNv2Interaction(nn.Module):
     """Full-rank cross layers over one set's ``F * K`` flattened embeddings.
 
@@ -32,7 +48,7 @@ class DCNv2Interaction(nn.Module):
     def __init__(self, num_fields: int, dim: int, num_layers: int) -> None:
         super().__init__()
         self.output_dim: int = num_fields * dim
-        self.cross_net: CrossNet = CrossNet(in_features=self.output_dim, num_layers=num_layers)
+        self.cross_net: CrossNet = RowCrossNet(in_features=self.output_dim, num_layers=num_layers)
 
     @classmethod
     def from_config(cls, config: "ModelConfig", num_fields: int, dim: int, num_sets: int = 1) -> "DCNv2Interaction":
