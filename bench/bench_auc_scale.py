@@ -11,7 +11,8 @@ over seeds) is written into the study directory. DCNv2 SE 10x is skipped by defa
 ``--skip``).
 
 Every finished cell is a JSON file in ``OUT/cells/``, so a stopped study resumes where it
-left off (the study's settings are in ``OUT/study.json``; a different setting is refused),
+left off (the study's settings are in ``OUT/study.json``; a different setting is refused,
+a different ``--skip`` is not: run again without it to add the skipped cells),
 and ``--results OUT`` re-prints the table and re-draws the figure without training.
 
     python -m bench.bench_auc_scale --out runs/auc_scale [--rows 200000] [--epochs 1] [--models dcnv2 dnn] [--threads 1]
@@ -28,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.machine import describe
@@ -132,11 +133,9 @@ def run_study(study: Study, out: Path, threads: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
-    if (out / "study.json").exists():
-        if load_study(out) != study:
-            raise UserError(f"{out}/study.json holds another study ({load_study(out)}); use another --out")
-    else:
-        write_json(out / "study.json", asdict(study))
+    if (out / "study.json").exists() and replace(load_study(out), skip=study.skip) != study:
+        raise UserError(f"{out}/study.json holds another study ({load_study(out)}); use another --out")
+    write_json(out / "study.json", asdict(study))  # a resumed study may skip fewer (or more) cells
     data = out / "data"
     if not data.exists():
         generate(SyntheticConfig(rows=study.rows, cardinality_scale=0.01), str(data), fmt="parquet", progress=False)

@@ -265,6 +265,8 @@ def test_a_tiny_paper_recipe_run_trains_the_authors_way_and_resumes_bit_identica
     from trainer.run_dir import RunDir
     from trainer.train import Trainer
 
+    # recipe paper keeps model.sync_batchnorm on: on one rank its BatchNorm is the local one, and it
+    # must pass TorchRec's fx trace of the model (trainer/model/global_batchnorm.py)
     tiny = [a for a in TINY if not a.startswith("optim.")]
     schema = json.loads((tiny_dataset / "schema.json").read_text())
     cardinalities = [f["cardinality"] for f in schema["sparse_fields"]]
@@ -282,6 +284,7 @@ def test_a_tiny_paper_recipe_run_trains_the_authors_way_and_resumes_bit_identica
     try:
         whole = trainer("whole", 4)
         assert whole.config.optim.embedding == "dense_adam" and whole.config.embedding.init == "xavier_concat"
+        assert whole.config.model.sync_batchnorm
         rows = whole.plan_text.splitlines()[2:]
         assert rows and all(" data_parallel " in r for r in rows)
         bound = math.sqrt(6 / (sum(cardinalities) + whole.config.embedding.dim))

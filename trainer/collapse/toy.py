@@ -2,8 +2,9 @@
 
 Three fields interact FM-style, ``logit = <E1[x1], E2[x2]> + <E1[x1], E3[x3]> + <E2[x2], E3[x3]>``.
 The data: every (x1, x2) of ``rows x rows`` once, each with a random x3 of field 3 and a
-random label (the appendix: full-batch SGD, learning rate 1, 5000 iterations). All three
-tables are learned jointly from a small random start. Field 3 has either fewer ids than
+random label (the appendix: full-batch SGD, learning rate 1, 5000 iterations; the sizes,
+labels and start are this module's choices). All three tables are learned jointly from a
+small random start. Field 3 has either fewer ids than
 the embedding dim (``partner_rows < dim``: its table has at most that rank) or as many as
 field 1. Nothing bounds E1: its gradient combines E2's rows (full rank) with E3's, so
 whether a low-cardinality partner leaves E1 with a lower information abundance is an

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -73,9 +74,33 @@ def _global_batch_norm(
     return out.to(x.dtype)
 
 
-# one opaque call when torch.fx traces the model (TorchRec's train pipeline does): the trace
-# neither looks inside nor runs the in-place updates of the running statistics
+def _local_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+    training: bool,
+) -> torch.Tensor:
+    """``BatchNorm1d.forward`` of this rank's ``x`` (B, C) alone: evaluation, or a run of one rank."""
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    use_batch_stats = training or running_mean is None
+    return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, eps)
+
+
+# one opaque call each when torch.fx traces the model (TorchRec's train pipeline does; this
+# module is not a leaf of its tracer as torch.nn's BatchNorm1d is): the trace neither looks
+# inside (BatchNorm's input checks branch on the input's shape) nor runs the in-place updates
+# of the running statistics
 torch.fx.wrap("_global_batch_norm")
+torch.fx.wrap("_local_batch_norm")
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -95,7 +120,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             torch.Tensor: (B, C), normalised with the statistics of every rank's rows.
         """
         if not self.training or _world() == 1:
-            return super().forward(x)
+            return _local_batch_norm(
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.momentum, self.eps, self.training,
+            )
         return _global_batch_norm(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked, self.momentum, self.eps
         )
