@@ -2,6 +2,8 @@
 
 Each benchmark runs in its own interpreter with its defaults; run one alone with
 ``python -m bench --only NAME`` or ``python -m bench.bench_NAME --help`` for its options.
+The studies (many trainings each: the paper's findings, AUC vs scale; up to an hour) run
+with ``--studies`` or by name with ``--only``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,20 @@ from pathlib import Path
 
 from trainer.cli_help import HelpFormatter, description
 
-BENCHMARKS = ["bench.bench_cli_help", "bench.bench_synthetic", "bench.bench_preprocess", "bench.bench_dataset_spec", "bench.bench_loader", "bench.bench_collapse", "bench.bench_checkpoint", "bench.bench_export", "bench.bench_train", "bench.bench_multi_hot", "bench.bench_embedding_optim", "bench.bench_paper_findings", "bench.bench_auc_scale"]
+BENCHMARKS = [
+    "bench.bench_cli_help",
+    "bench.bench_synthetic",
+    "bench.bench_preprocess",
+    "bench.bench_dataset_spec",
+    "bench.bench_loader",
+    "bench.bench_collapse",
+    "bench.bench_checkpoint",
+    "bench.bench_export",
+    "bench.bench_train",
+    "bench.bench_multi_hot",
+    "bench.bench_embedding_optim",
+]
+STUDIES = ["bench.bench_paper_findings", "bench.bench_auc_scale"]
 
 
 def short_name(module: str) -> str:
@@ -31,14 +46,17 @@ def summary_line(module: str) -> str:
 
 
 def _epilog() -> str:
-    width = max(len(short_name(m)) for m in BENCHMARKS)
-    return "benchmarks (in the order they run):\n" + "\n".join(
-        f"  {short_name(m):<{width}}  {summary_line(m)}" for m in BENCHMARKS
+    width = max(len(short_name(m)) for m in BENCHMARKS + STUDIES)
+    sections = (("benchmarks (in the order they run)", BENCHMARKS), ("studies (with --studies)", STUDIES))
+    return "\n".join(
+        line
+        for title, modules in sections
+        for line in [f"{title}:", *(f"  {short_name(m):<{width}}  {summary_line(m)}" for m in modules)]
     )
 
 
 def _select(p: argparse.ArgumentParser, names: list[str]) -> list[str]:
-    known = {short_name(m): m for m in BENCHMARKS}
+    known = {short_name(m): m for m in BENCHMARKS + STUDIES}
     unknown = [n for n in names if short_name(n) not in known]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; known: {', '.join(known)}")
@@ -51,12 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", metavar="NAME", default=[],
                    help="run only these benchmarks (e.g. loader checkpoint, or bench.bench_loader)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the benchmarks and run nothing")
+    p.add_argument("--studies", action="store_true", help="also run the studies (up to an hour each)")
     args = p.parse_args(argv)
     if args.list:
         print(_epilog())
         return
     failed = []
-    for module in _select(p, args.only) if args.only else BENCHMARKS:
+    for module in _select(p, args.only) if args.only else BENCHMARKS + (STUDIES if args.studies else []):
         print(f"\n=== {module} ===", flush=True)
         if subprocess.run([sys.executable, "-m", module]).returncode != 0:
             failed.append(module)

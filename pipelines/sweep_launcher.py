@@ -218,7 +218,10 @@ class TorchxCellJob:
 
 
 def slot_environments(launcher: LauncherSpec) -> list[dict[str, str]]:
-    """The environment of each parallel slot: its own GPUs on a CUDA host, nothing on CPU."""
+    """The environment of each parallel slot: its own GPUs on a CUDA host; on CPU its share of
+    the cores as each rank's thread count (``CTR_CPU_THREADS``, read by the trainer), so that
+    parallel cells do not oversubscribe the host (a rank whose threads outnumber its cores
+    stalls whenever one of them is descheduled)."""
     if launcher.parallel == 1:
         return [{}]
     try:
@@ -228,7 +231,9 @@ def slot_environments(launcher: LauncherSpec) -> list[dict[str, str]]:
     except ImportError:
         gpus = 0
     if gpus == 0:
-        return [{} for _ in range(launcher.parallel)]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // (launcher.parallel * launcher.nproc))
+        return [{"CTR_CPU_THREADS": str(threads)} for _ in range(launcher.parallel)]
     need = launcher.parallel * launcher.nproc
     if need > gpus:
         raise UserError(f"launcher.parallel {launcher.parallel} x nproc {launcher.nproc} = {need} GPUs, but this host has {gpus}")

@@ -44,8 +44,9 @@ AUDIT_HOOK = textwrap.dedent(
     if _log and _watch and "RANK" in os.environ:  # workers only, not the torchrun agents
         _who = " ".join(os.environ.get(k, "-") for k in ("CTR_AGENT", "RANK", "GROUP_RANK", "LOCAL_RANK"))
         _node_cpus = os.environ.get("CTR_NODE_CPUS")
-        if _node_cpus:  # this "node"'s cores: the trainer sizes its threads from them
+        if _node_cpus:  # this "node"'s cores: the trainer sizes its threads from them (its affinity)
             os.cpu_count = lambda: int(_node_cpus)
+            os.sched_getaffinity = lambda pid: set(range(int(_node_cpus)))
 
         def _threads():  # the intra-op threads the worker trained with
             torch = sys.modules.get("torch")

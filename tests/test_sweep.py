@@ -332,8 +332,14 @@ def test_parallel_slots_without_gpus():
 
     launcher = sweep_spec.LauncherSpec(nproc=1, parallel=3)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus == 0:  # CPU: the cells share the host
-        assert sweep_launcher.slot_environments(launcher) == [{}, {}, {}]
+    if gpus == 0:  # CPU: the cells share the host's cores, each rank its share as its threads
+        import os
+
+        cores = len(os.sched_getaffinity(0))
+        share = str(max(1, cores // 3))
+        assert sweep_launcher.slot_environments(launcher) == [{"CTR_CPU_THREADS": share}] * 3
+        two_rank = sweep_spec.LauncherSpec(nproc=2, parallel=1)
+        assert sweep_launcher.slot_environments(two_rank) == [{}]  # one cell: torchrun and the trainer decide
     elif gpus >= 3:  # each slot its own GPU
         assert len({e["CUDA_VISIBLE_DEVICES"] for e in sweep_launcher.slot_environments(launcher)}) == 3
     else:
@@ -341,6 +347,23 @@ def test_parallel_slots_without_gpus():
             sweep_launcher.slot_environments(launcher)
     with pytest.raises(UserError, match="launcher.parallel must be >= 1"):
         sweep_spec.LauncherSpec(parallel=0)
+
+
+def test_cpu_threads_of_a_rank(monkeypatch):
+    """The trainer's intra-op threads: the sweep slot's share when given, else the affinity's
+    cores over the host's ranks; a bad value is a clear error."""
+    import os
+
+    from trainer.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("CTR_CPU_THREADS", raising=False)
+    assert cpu_threads(1) == cores and cpu_threads(2) == max(1, cores // 2) and cpu_threads(cores * 4) == 1
+    monkeypatch.setenv("CTR_CPU_THREADS", "3")
+    assert cpu_threads(2) == 3
+    monkeypatch.setenv("CTR_CPU_THREADS", "0")
+    with pytest.raises(UserError, match="CTR_CPU_THREADS='0'"):
+        cpu_threads(1)
 
 
 def test_no_shared_1x_and_me_only(tmp_path):

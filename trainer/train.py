@@ -114,6 +114,19 @@ def autocast_dense(model: MultiEmbeddingCTR, device: torch.device, dtype: torch.
     model.forward_embeddings = forward_embeddings  # type: ignore[method-assign]
 
 
+def cpu_threads(local_world_size: int) -> int:
+    """Intra-op threads of one CPU rank: ``$CTR_CPU_THREADS`` when set (the sweep gives each of
+    its parallel cells its share), else the cores this process may use (its affinity: a cpuset
+    or ``taskset`` counts) divided by this host's ranks; at least 1."""
+    explicit = os.environ.get("CTR_CPU_THREADS", "").strip()
+    if explicit:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise UserError(f"CTR_CPU_THREADS={explicit!r}: expected a positive integer (threads per rank)")
+        return int(explicit)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, ctx: DistContext, run_dir: RunDir):
         self.config = config
@@ -124,9 +137,8 @@ class Trainer:
             if self.schema.splits.get(split, None) is None or self.schema.splits[split].rows == 0:
                 raise UserError(f"{config.data.path}: the dataset has no {split!r} rows")
         check_recipe_data(config, str(self.schema.recipe.get("train_order", "file")), config.data.path)
-        if ctx.device.type == "cpu":  # the cores this process may use (a cpuset, taskset), shared by this host's ranks
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // ctx.local_world_size))
+        if ctx.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(ctx.local_world_size))
         self.identity = model_identity(config, self.schema)
         self.progress = Progress(world_size=ctx.world_size, batch_size=config.train.batch_size)
         self._last_collapse_step = -1
