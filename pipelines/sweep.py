@@ -101,6 +101,15 @@ log = logging.getLogger("sweep")
 # ---- results ----------------------------------------------------------------------------
 
 
+def _slot_description(env: dict[str, str]) -> str:
+    """`` on GPU(s) 0,1``, `` with 1 thread(s) a rank`` or nothing: where a parallel slot runs its cell."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return f" on GPU(s) {env['CUDA_VISIBLE_DEVICES']}"
+    if "CTR_CPU_THREADS" in env:
+        return f" with {env['CTR_CPU_THREADS']} thread(s) a rank"
+    return ""
+
+
 def read_collapse(run_dir: str, step: int | None = None) -> dict[str, Any] | None:
     """Means over fields of the run's collapse record at ``step`` (else the last); here, as a
     cell's record is read from its run, so that ``sweep_report`` only renders records."""
@@ -242,7 +251,7 @@ def run_sweep(
                     eta = (f"ETA {_duration(sum(durations) / len(durations) * left / len(envs))} for {left} cell(s)"
                            if durations else "ETA after the first cell")  # fmt: skip
                     how = "resuming from its latest checkpoint" if RunDir(cell_dir(output, cell)).has_checkpoints() else "new"
-                    where = f" on GPU(s) {envs[slot]['CUDA_VISIBLE_DEVICES']}" if envs[slot] else ""
+                    where = _slot_description(envs[slot])
                     log.info("[%d/%d] start %s (%s)%s; %s", started, len(pending), cell.id, how, where, eta)
                     if runner:
                         job: CellJob | TorchxCellJob = TorchxCellJob(runner, spec, cell, output)
