@@ -17,3 +17,15 @@ from tests.helpers import make_dataset
 def tiny_dataset(tmp_path_factory) -> Path:
     """6,000 synthetic rows (train/val/test 8/1/1), 39 sparse fields, oracle metrics in schema.json."""
     return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's in-process tests: the machine's cores are
+    shared, and small ops run faster on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,13 +31,7 @@ ROWS = 21_000  # 3,000 a day: days 1-5 train, 6 val, 7 test
 SCALE = 0.005  # 100 users, 250 items: a few thousand rows learn their weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine's 2 cores are shared: small ops run faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

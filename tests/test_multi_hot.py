@@ -29,13 +29,7 @@ MAX_LENGTH = 4
 FIELDS = [SparseField("id", N_TRAIN), SparseField("h", 9, MAX_LENGTH, "mean"), SparseField("c", 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine's 2 cores are shared: small ops run faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def history(ids: np.ndarray, longest: int = MAX_LENGTH - 1) -> pa.ListArray:
