@@ -3,7 +3,9 @@
 1. Interaction-collapse toy (Section 4, Evidence II, Figure 4): three fields learned
    jointly, the third with 3 ids (fewer than the dim 10) or 100; the IA of field 1 after the
    paper's 5000 full-batch SGD steps, per seed, and on how many seeds the 3-id partner
-   left it lower.
+   left it lower. Beside it, field 1's IA / random (the ratio the collapse alert reads),
+   and that of the bounded variant the alert tests push (``fixed_partner_toy``: field 1
+   against a fixed partner of rank 1 or full rank, not learned).
 2. SE vs ME at 4x (DCNv2; Figures 8b and 10a): per field, the IA of its whole embedding
    (SE: its one 40-wide table; ME: its four 10-wide sets concatenated) relative to a random
    table of the same shape, and the diversity of its sets (SE: its 40 columns cut into 4
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,17 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.collapse.toy import PAPER_STEPS, interaction_collapse_toy
-from trainer.data.schema import read_schema
-from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.job_config import RECIPES
-from trainer.run_dir import RunDir
+
+# torch, pyarrow and the trainer's data and run modules are imported where they are used:
+# --help answers without them
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE, BASE_DIM = 4, 10  # DCNv2 4x: SE one 40-wide set, ME four 10-wide sets
@@ -104,6 +102,11 @@ def recipe_overrides(recipe: str) -> list[str]:
 
 def distinct_train_ids(data: str | Path) -> dict[str, int]:
     """Field -> distinct ids in the prepared dataset's training split."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from trainer.data.schema import read_schema
+
     schema = read_schema(str(data))
     files = [f"{data}/{name}" for name in schema.splits["train"].files]
     table = ds.dataset(files, format="parquet").to_table(columns=schema.field_names)
@@ -116,6 +119,8 @@ def train_se_and_me(
     """Train DCNv2 SE and ME at 4x on the prepared dataset ``data`` (one process each, with
     ``threads`` torch threads, 0: torch's default) and compare their final collapse records
     field by field."""
+    from trainer.run_dir import RunDir
+
     finals, outcomes = {}, {}
     for mode in ("se", "me"):
         run = Path(workdir, mode)
@@ -155,6 +160,8 @@ def run_setting(
     rows: int, epochs: int, recipe: str, latent_dim: int, seed: int, overrides: list[str], threads: int
 ) -> Setting:
     """Generate the synthetic data of (``latent_dim``, ``seed``) and train SE and ME on it."""
+    from trainer.data.synthetic import SyntheticConfig, generate
+
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/data"
         config = SyntheticConfig(rows=rows, seed=seed, cardinality_scale=0.01, latent_dim=latent_dim)
@@ -166,22 +173,32 @@ def run_setting(
 
 
 def toy(seeds: list[int]) -> None:
+    from trainer.collapse.analysis import analyze_field
+    from trainer.collapse.gram import field_gram
+    from trainer.collapse.toy import PAPER_STEPS, fixed_partner_toy, interaction_collapse_toy
+
+    def ratio(table) -> float:  # IA / IA of a random table of the same shape
+        return analyze_field(field_gram([table.numpy()], field="1")).set_ia_normalized[0]
+
     print(f"interaction-collapse toy: fields 1 and 2 (100 ids), field 3 ({' or '.join(map(str, TOY_PARTNER_ROWS))} ids), "
           f"dim 10, learned jointly, {PAPER_STEPS} full-batch SGD steps at lr 1")  # fmt: skip
     print("  seed  field 1 IA: at init  end (lowest on the way) with field 3 of 3 ids  of 100 ids"
-          "   field 3 IA: 3 ids  100 ids")
+          "   field 3 IA: 3 ids  100 ids   field 1 IA / random: 3 ids  100 ids   fixed partner: rank 1  full rank")
     lower = 0
     for seed in seeds:
         small, full = (interaction_collapse_toy(n, seed=seed) for n in TOY_PARTNER_ROWS)
+        fixed = [fixed_partner_toy(rank, seed=seed) for rank in (1, 10)]
         lower += small.trained_ia < full.trained_ia
         low = [min(ia for _, ia in r.curve) for r in (small, full)]
         print(f"  {seed:>4}  {small.initial_ia:>18.2f}  {small.trained_ia:>33.2f} ({low[0]:.2f})  "
-              f"{full.trained_ia:>5.2f} ({low[1]:.2f})  {small.partner_ia:>17.2f}  {full.partner_ia:>7.2f}")  # fmt: skip
+              f"{full.trained_ia:>5.2f} ({low[1]:.2f})  {small.partner_ia:>17.2f}  {full.partner_ia:>7.2f}  "
+              f"{ratio(small.trained):>25.2f}  {ratio(full.trained):>7.2f}  "
+              f"{ratio(fixed[0].trained):>21.2f}  {ratio(fixed[1].trained):>9.2f}")  # fmt: skip
     print(f"  field 1's IA lower with the 3-id partner on {lower} of {len(seeds)} seeds")
 
 
 def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
+    return statistics.fmean(values) if values else float("nan")
 
 
 def print_setting(s: Setting, per_field: bool) -> None:

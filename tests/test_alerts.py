@@ -20,6 +20,7 @@ from tests.demo_collapse import demo_report
 from tests.helpers import ROOT, free_port, ok, train
 from trainer.collapse.gram import field_gram
 from trainer.collapse.analysis import CollapseReport, analyze_field
+from trainer.collapse.toy import fixed_partner_toy
 from trainer.telemetry import Telemetry
 
 RULES = ROOT / "deploy" / "prometheus"
@@ -62,10 +63,11 @@ def _promtool_series(*reports: CollapseReport) -> list[dict]:
 
 
 def test_the_demo_model_fires_no_alert_and_fires_once_a_large_field_collapses(tmp_path):
-    """``make demo``'s healthy model (12 of its 39 fields with fewer ids than the dimension, a
-    large field at IA ratio 0.24 for its two sets together) fires nothing under the shipped
-    rules; the same report with one large field collapsed and its sets converged fires for
-    that field only: the exported series are the ones the rules read."""
+    """``make demo``'s healthy model (12 of its 39 fields with fewer ids than the dimension)
+    fires nothing under the shipped rules, nor does the toy's table trained against a
+    full-rank partner; the toy's table trained against a fixed rank-1 partner fires, and so
+    does the demo's report with one large field collapsed and its sets converged, for that
+    field only: the exported series are the ones the rules read."""
     broken = demo_report("demo-broken")
     c3 = broken.get_field("C3")
     c3.set_ia_normalized[1] = 0.2
@@ -87,13 +89,24 @@ def test_the_demo_model_fires_no_alert_and_fires_once_a_large_field_collapses(tm
             },
         }],
     }  # fmt: skip
+    collapsed, healthy = trained_toy_tables()
+    ratio = _report("toy-collapsed", collapsed).fields[0].set_ia_normalized[0]
+    fired["EmbeddingFieldCollapsed"].append({
+        "exp_labels": {"severity": "warning", "run": "toy-collapsed", "field": "C1", "set": "0", "rank_bound": "false"},
+        "exp_annotations": {
+            "summary": "Embedding of field C1 (set 0) collapsed in run toy-collapsed",
+            "description": f"Information abundance is {ratio:.2f} of a random table's: the table spans a low-dimensional "
+                           "subspace. Consider multi-embedding (embedding.mode: me).",
+        },
+    })  # fmt: skip
     names = [r["alert"] for g in yaml.safe_load((RULES / "rules.yaml").read_text())["groups"] for r in g["rules"]]
     unit = {
         "rule_files": [str(RULES / "rules.yaml")],
         "evaluation_interval": "1m",
         "tests": [{
             "interval": "1m",
-            "input_series": _promtool_series(demo_report("demo"), broken),
+            "input_series": _promtool_series(demo_report("demo"), broken, _report("toy-collapsed", collapsed),
+                                             _report("toy-healthy", healthy)),
             "alert_rule_test": [{"eval_time": "2h", "alertname": n, "exp_alerts": fired.get(n, [])} for n in names],
         }],
     }  # fmt: skip
@@ -108,12 +121,11 @@ def _report(run: str, *tables) -> CollapseReport:
     return CollapseReport(source="toy", label=run, fields=[field], num_sets=len(tables), dim=tables[0].shape[1])
 
 
-def collapsed_and_healthy(rows: int = 100, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A field table collapsed onto one direction (plus noise far below its scale) and a
-    random one of the same shape."""
-    rng = np.random.default_rng(seed)
-    collapsed = np.outer(rng.standard_normal(rows), rng.standard_normal(dim)) + 1e-3 * rng.standard_normal((rows, dim))
-    return collapsed, rng.standard_normal((rows, dim))
+def trained_toy_tables(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The toy's field table trained against a fixed rank-1 partner (collapsed: IA / random
+    0.168-0.175 on seeds 0-9) and against a full-rank one (healthy: 0.81-0.97), 300
+    full-batch steps each (``trainer.collapse.toy.fixed_partner_toy``)."""
+    return tuple(fixed_partner_toy(rank, seed=seed).trained.numpy() for rank in (1, 10))
 
 
 def converged_sets(rows: int = 2000, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -210,8 +222,9 @@ DEMO_LIKE = ("embedding.base_dim=10", "train.max_steps=6")
 
 @pytest.mark.slow
 def test_alerts_fire_for_collapsed_embeddings_and_not_for_a_healthy_demo_like_run(prometheus_stack, tiny_dataset, tmp_path):
-    """A trained, healthy demo-like run, small-id fields included, fires nothing; the toys'
-    collapsed table and converged sets fire, and only those."""
+    """A trained, healthy demo-like run, small-id fields included, fires nothing, nor does the
+    toy's table trained against a full-rank partner; the toy's table trained against a fixed
+    rank-1 partner and the converged sets fire, and only those."""
     gateway, prometheus = prometheus_stack
     ok(train(f"data.path={tiny_dataset}", f"run.dir={tmp_path / 'run'}", *DEMO_LIKE,
              f"monitoring.pushgateway={gateway}", "monitoring.run_id=demo-like"))  # fmt: skip
@@ -223,7 +236,7 @@ def test_alerts_fire_for_collapsed_embeddings_and_not_for_a_healthy_demo_like_ru
     assert {s["metric"]["field"] for s in diversity} == set(fields)
     assert all(float(s["value"][1]) < 0.05 for s in diversity if s["metric"]["field"] in small)  # what today's raw rule saw
 
-    collapsed, healthy = collapsed_and_healthy()
+    collapsed, healthy = trained_toy_tables()
     for run, report in (
         ("demo", demo_report("demo")),  # the figures of `make demo`'s model (tests/data/)
         ("toy-collapsed", _report("toy-collapsed", collapsed)),

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tests.helpers import ROOT, TINY, free_port
@@ -30,7 +32,8 @@ from trainer.job_config import (
     recipe_departures,
     recipe_warnings,
 )
-from trainer.model import MultiEmbeddingCTR, MultiEmbeddingSparseArch, init_table_
+from trainer.model import MultiEmbeddingCTR, MultiEmbeddingSparseArch, TrainModule, init_table_
+from trainer.model.global_batchnorm import GlobalBatchNorm1d
 from trainer.sharding import local_table_windows, plan_sharding, shard_model
 
 CPU = torch.device("cpu")
@@ -135,8 +138,8 @@ def test_xavier_concat_draws_every_table_within_one_bound_over_the_concatenated_
 # ---- optim.embedding: dense_adam -----------------------------------------------------------
 
 
-def _build(dropout: float = 0.2, init: str = "uniform") -> MultiEmbeddingCTR:
-    config = ModelConfig(name="dcnv2", hidden=8, cross_layers=2, dropout=dropout)
+def _build(dropout: float = 0.2, init: str = "uniform", sync_batchnorm: bool = False) -> MultiEmbeddingCTR:
+    config = ModelConfig(name="dcnv2", hidden=8, cross_layers=2, dropout=dropout, sync_batchnorm=sync_batchnorm)
     return MultiEmbeddingCTR.from_config(FIELDS, config, EmbeddingConfig("me", 2, base_dim=6, init=init), seed=0)
 
 
@@ -237,16 +240,46 @@ def test_dense_adam_is_the_authors_plain_adam_over_every_parameter(one_rank):
 
 def check_dense_adam_replicas(rank: int, world_size: int) -> None:
     """On every rank of a gloo group (called by ``tests/test_sharding.py``'s two-rank worker,
-    which pays for the process start-up once): each rank trains dense_adam on its own batches;
-    the table replicas and the dense weights stay identical on all ranks, and every row moved
+    which pays for the process start-up once): each rank trains on its own batches the way
+    ``recipe: paper`` does, dense_adam and ``model.sync_batchnorm``, through TorchRec's
+    ``TrainPipelineSparseDist`` as the trainer does (it fx-traces the model; the one-rank
+    paper recipe once crashed there). The table replicas, the dense weights and the
+    BatchNorm running statistics (TorchRec's DDP does not broadcast buffers: a per-rank
+    BatchNorm leaves each rank its own) stay identical on all ranks, and every row moved
     (id LOOKED_UP is looked up by rank 1 only, the ids above by nobody)."""
-    initial, trained, sharded = _train_sharded("dense_adam", "data_parallel", rank, lr=0.01, weight_decay=1e-6)
+    emb_opt = embedding_optimizer("dense_adam", CPU, lr=0.01, weight_decay=1e-6)
+    module = TrainModule(_build(sync_batchnorm=True))
+    apply_embedding_optimizer(module, emb_opt)
+    plan = plan_sharding(
+        module, ShardingConfig(sharding_types=("data_parallel",)), world_size, CPU, pg=dist.group.WORLD,
+        replicate_tables=True,
+    )  # fmt: skip
+    sharded = shard_model(module, plan, CPU)
+    optimizer = combined_optimizer(sharded, emb_opt, lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=1e-6))
+    windows = lambda: {(t.table, row, col): w.detach().clone() for t, w, row, col in local_table_windows(sharded)}  # noqa: E731
+    initial = windows()
+    norms = [m for m in sharded.modules() if isinstance(m, GlobalBatchNorm1d)]
+    running = lambda: torch.cat([b.reshape(-1) for m in norms for b in (m.running_mean, m.running_var)])  # noqa: E731
+    assert norms
+    initial_stats = running()
+    pipeline = TrainPipelineSparseDist(sharded, optimizer, CPU)
+    torch.manual_seed(rank)
+    batches = iter([Batch(torch.empty(len(labels), 0), kjt, labels) for kjt, labels in _batches(rank)])
+    steps = 0
+    with pytest.raises(StopIteration):
+        while True:
+            pipeline.progress(batches)
+            steps += 1
+    assert steps == 4
+    trained = windows()
     flat = torch.cat([trained[k].reshape(-1) for k in sorted(trained)])
     dense = torch.cat([p.detach().reshape(-1) for n, p in sorted(sharded.named_parameters()) if "sparse_arch" not in n])
-    for mine in (flat, dense):
+    stats = running()
+    assert not torch.equal(stats, initial_stats)
+    for what, mine in (("table replicas", flat), ("dense weights", dense), ("BatchNorm running statistics", stats)):
         gathered = [torch.empty_like(mine) for _ in range(world_size)]
         dist.all_gather(gathered, mine)
-        assert all(torch.equal(g, gathered[0]) for g in gathered), "the replicas drifted apart"
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"the {what} drifted apart"
     for key, start in initial.items():
         assert bool((trained[key][:, :6] != start[:, :6]).all(dim=1).all()), key
 

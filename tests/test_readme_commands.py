@@ -270,7 +270,7 @@ COMMANDS: dict[str, Run | NotHere] = {
         "one toy seed and one SE-vs-ME setting of 3,000 rows, not 5 seeds and 12 settings of 30k",
         append="--rows 3000 --toy-seeds 0 --seeds 0 --latent-dims 16 --recipes industrial"),
     ".venv/bin/python -m bench.bench_auc_scale --out runs/auc_scale --threads 1": NotHere(
-        "18 trainings, over an hour of CPU; tests/test_paper_findings.py runs its --results path on cells it writes"),
+        "21 trainings, over an hour of CPU; tests/test_paper_findings.py runs its --results path on cells it writes"),
     ".venv/bin/python -m bench.bench_checkpoint --gib 1": Run("10 MiB, not 1 GiB", replace=(("--gib 1", "--gib 0.01"),)),
     ".venv/bin/python -m bench.bench_multi_hot": Run("14k rows, two rounds of one step", append="--rows 20000 --rounds 2 --steps 1"),
     ".venv/bin/python -m bench.bench_embedding_optim": Run("the demo vocabulary at 1x, batch 256, one step",
