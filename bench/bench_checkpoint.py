@@ -19,10 +19,7 @@ import os
 import tempfile
 import time
 
-import torch
-
 from bench.machine import describe
-from trainer import checkpoint, dcp_io
 from trainer.cli_help import HelpFormatter, description
 
 
@@ -37,6 +34,10 @@ def main() -> None:
     p.add_argument("--gib", type=float, default=1.0, help="checkpoint size in GiB (default 1)")
     p.add_argument("--tables", type=int, default=8, help="tensors it is split into (default 8)")
     args = p.parse_args()
+    import torch
+
+    from trainer import checkpoint, dcp_io
+
     rows = int(args.gib * 2**30 / 4 / 64 / args.tables)
     state = {"model": {f"table{i}": torch.randn(rows, 64) for i in range(args.tables)}}
     size = sum(t.numel() * 4 for t in state["model"].values())

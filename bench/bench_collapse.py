@@ -25,12 +25,9 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.collapse.analysis import analyze_field, ia_of_singular_values
-from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, clear_baseline_cache, field_gram, random_gram
 
 
 class NpyRows:
@@ -124,6 +121,8 @@ def time_read(paths: list[str], chunk_bytes: int = 64 << 20) -> float:
 
 
 def gemm_gflops(chunk_rows: int, cols: int, repeats: int = 20) -> float:
+    import torch
+
     x = torch.randn(chunk_rows, cols, dtype=torch.float64)
     g = torch.zeros(cols, cols, dtype=torch.float64)
     g.addmm_(x.T, x)  # warm-up
@@ -138,10 +137,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sets", type=int, default=1)
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS)
+    p.add_argument("--chunk-rows", type=int, help="rows per float64 Gram chunk (default: trainer.collapse.gram.DEFAULT_CHUNK_ROWS, 65536)")
     p.add_argument("--dir", default=None, help="where to write the tables (default: a temp dir, removed after)")
     p.add_argument("--no-svd", action="store_true", help="skip torch.linalg.svdvals on the loaded matrix")
     args = p.parse_args()
+    import torch
+
+    from trainer.collapse.analysis import analyze_field, ia_of_singular_values
+    from trainer.collapse.gram import DEFAULT_CHUNK_ROWS, clear_baseline_cache, field_gram, random_gram
+
+    if args.chunk_rows is None:
+        args.chunk_rows = DEFAULT_CHUNK_ROWS
     cols = args.sets * args.dim
     size_gb = args.sets * args.rows * args.dim * 4 / 1e9
     print(f"machine: {describe()}, torch threads {torch.get_num_threads()}")

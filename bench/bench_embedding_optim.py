@@ -27,20 +27,16 @@ import os
 import socket
 import statistics
 import time
-
-import torch
-import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from typing import TYPE_CHECKING
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.data.schema import SparseField
-from trainer.data.synthetic import CRITEO_CARDINALITIES, INTEGER_FIELDS, INTEGER_TOKENS
-from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
-from trainer.job_config import EmbeddingConfig, ModelConfig, ShardingConfig
-from trainer.model import MultiEmbeddingCTR
-from trainer.sharding import plan_sharding, shard_model
+
+if TYPE_CHECKING:
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from trainer.data.schema import SparseField
 
 VOCABULARIES = {"demo": 28_699, "criteo": 1_086_810}
 OPTIMIZERS = ("rowwise_adagrad", "dense_adam")
@@ -49,6 +45,9 @@ MIB = 2**20
 
 def criteo_shaped(total_rows: int) -> list[SparseField]:
     """39 fields: I1..I13 of the integer tokens, C1..C26 in Criteo's proportions, ``total_rows`` in all."""
+    from trainer.data.schema import SparseField
+    from trainer.data.synthetic import CRITEO_CARDINALITIES, INTEGER_FIELDS, INTEGER_TOKENS
+
     integer = INTEGER_TOKENS + 2
     left = total_rows - integer * len(INTEGER_FIELDS)
     scale = left / sum(CRITEO_CARDINALITIES)
@@ -60,6 +59,9 @@ def criteo_shaped(total_rows: int) -> list[SparseField]:
 
 
 def _bytes(value: object) -> int:
+    import torch
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     if isinstance(value, ShardedTensor):
         return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
     if isinstance(value, torch.Tensor):
@@ -71,6 +73,14 @@ class Case:
     """One sharded model and its optimizers, on random batches of ids."""
 
     def __init__(self, fields: list[SparseField], scale: int, optimizer: str, batch: int, device: torch.device):
+        import torch
+        import torch.distributed as dist
+
+        from trainer.embedding_optim import apply_embedding_optimizer, combined_optimizer, embedding_optimizer
+        from trainer.job_config import EmbeddingConfig, ModelConfig, ShardingConfig
+        from trainer.model import MultiEmbeddingCTR
+        from trainer.sharding import plan_sharding, shard_model
+
         self.fields, self.batch, self.device = fields, batch, device
         emb_opt = embedding_optimizer(optimizer, device, lr=1e-3, weight_decay=1e-6)
         model = MultiEmbeddingCTR.from_config(
@@ -89,6 +99,9 @@ class Case:
         self.grad_bytes = 0  # the tables' gradients at the optimizer step (dense_adam: whole tables)
 
     def _features(self) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        import torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         ids = [torch.randint(0, f.cardinality, (self.batch,), generator=self.generator) for f in self.fields]
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=[f.name for f in self.fields],
@@ -100,9 +113,13 @@ class Case:
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize()
 
     def step(self, record: bool = True) -> None:
+        import torch
+
         kjt, labels = self._features()
         self._sync()
         start = time.perf_counter()
@@ -136,6 +153,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case first (default 2)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args()
+    import torch
+    import torch.distributed as dist
+
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     if "MASTER_PORT" not in os.environ:  # a port free now, for this one-rank group

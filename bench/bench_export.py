@@ -21,34 +21,43 @@ import io
 import resource
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.data.schema import SparseField
-from trainer.data.synthetic import CRITEO_CARDINALITIES
-from trainer.export.serving_model import ServingModel, export_program
-from trainer.job_config import EmbeddingConfig, ModelConfig
-from trainer.model import MultiEmbeddingCTR
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer.model import MultiEmbeddingCTR
 
 BATCHES = (1, 64, 512)
 
 
 def build_model(scale: float, model: str) -> MultiEmbeddingCTR:
+    from trainer.data.schema import SparseField
+    from trainer.data.synthetic import CRITEO_CARDINALITIES
+    from trainer.job_config import EmbeddingConfig, ModelConfig
+    from trainer.model import MultiEmbeddingCTR
+
     names = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
     fields = [SparseField(n, max(4, round(c * scale))) for n, c in zip(names, CRITEO_CARDINALITIES)]
     return MultiEmbeddingCTR.from_config(fields, ModelConfig(name=model), EmbeddingConfig("me", 4, 10), seed=0).eval()
 
 
 def random_ids(model: MultiEmbeddingCTR, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    import torch
+
     cards = [t.cardinality for t in model.sparse_arch.tables[: len(model.sparse_arch.field_names)]]
     return torch.from_numpy(np.stack([(rng.random(batch) ** 3 * c).astype(np.int64) for c in cards], axis=1))
 
 
 def eager_scorer(model: MultiEmbeddingCTR):
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
     keys = model.sparse_arch.field_names
 
     def score(ids: torch.Tensor) -> torch.Tensor:
@@ -62,6 +71,8 @@ def eager_scorer(model: MultiEmbeddingCTR):
 
 def time_calls(fn, inputs: list[torch.Tensor], iters: int) -> tuple[float, float, float]:
     """(p50 ms, p99 ms, rows/s) over ``iters`` calls, after warm-up."""
+    import torch
+
     with torch.no_grad():
         for x in inputs[:10]:
             fn(x)
@@ -83,6 +94,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (serving usually pins one per worker)")
     a = p.parse_args()
+    import torch
+
+    from trainer.export.serving_model import ServingModel, export_program
+
     torch.set_num_threads(a.threads)
     print(f"machine: {describe()}; torch {torch.__version__}, {a.threads} thread(s)")
     rng = np.random.default_rng(0)

@@ -14,13 +14,15 @@ import resource
 import tempfile
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.data.loader import CTRDataLoader, LoaderConfig
-from trainer.data.schema import DatasetSchema, SparseField, write_schema
-from trainer.data.writer import DatasetWriter, make_table
+
+if TYPE_CHECKING:
+    from trainer.data.loader import LoaderConfig
 
 # I1-I13 as tokens (floor(ln(v)^2) buckets), then C1-C26 (Criteo Kaggle distinct counts)
 CARDINALITIES = [50, 100, 120, 60, 200, 90, 80, 60, 110, 8, 40, 40, 60] + [
@@ -33,6 +35,9 @@ CHUNK = 1 << 16
 
 def build_dataset(root: str, rows: int, seed: int = 0) -> None:
     """Random train split of ``rows`` rows; ids skewed toward small values like real frequency-sorted vocabularies."""
+    from trainer.data.schema import DatasetSchema, SparseField, write_schema
+    from trainer.data.writer import DatasetWriter, make_table
+
     rng = np.random.default_rng(seed)
     fields = [SparseField(f"f{i:02d}", c) for i, c in enumerate(CARDINALITIES)]
     writer = DatasetWriter(root, files_per_split=8)
@@ -49,6 +54,8 @@ def peak_rss_mib() -> float:
 
 
 def run(root: str, config: LoaderConfig, rank: int, world_size: int) -> None:
+    from trainer.data.loader import CTRDataLoader
+
     loader = CTRDataLoader(root, "train", config, rank=rank, world_size=world_size)
     rows = 0
     t0 = time.perf_counter()
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--no-prefetch", action="store_true", help="read windows in the main thread")
     args = parser.parse_args(argv)
+    from trainer.data.loader import LoaderConfig
+
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as root:
         t0 = time.perf_counter()

@@ -19,24 +19,24 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
-from trainer.data.dataset_spec import SHIPPED_DIR
-from trainer.data.loader import CTRDataLoader, LoaderConfig
-from trainer.data.preprocess import PreprocessConfig, preprocess
-from trainer.data.synthetic_ads_log import AdsLogConfig, generate_ads_log
-from trainer.job_config import EmbeddingConfig, ModelConfig
-from trainer.model import MultiEmbeddingCTR
+
+if TYPE_CHECKING:
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from trainer.data.loader import CTRDataLoader
 
 
 def first_id(jt: JaggedTensor) -> JaggedTensor:
     """A multi-hot field's rows cut to their first id (the OOV id for a row without ids)."""
+    import torch
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
     lengths = jt.lengths()
     first = torch.where(lengths > 0, jt.values()[(torch.cumsum(lengths, 0) - lengths).clamp(max=max(len(jt.values()) - 1, 0))], 0)
     return JaggedTensor(values=first, lengths=torch.ones_like(lengths))
@@ -47,6 +47,12 @@ class Variant:
     endless training batches."""
 
     def __init__(self, data: str, fields: list[str], batch: int, single: bool = False):
+        import torch
+
+        from trainer.data.loader import CTRDataLoader, LoaderConfig
+        from trainer.job_config import EmbeddingConfig, ModelConfig
+        from trainer.model import MultiEmbeddingCTR
+
         loader = CTRDataLoader(data, "train", LoaderConfig(batch_size=batch))
         self.fields, self.single = fields, single
         schema_fields = [f for f in loader.schema.sparse_fields if f.name in fields]
@@ -64,6 +70,9 @@ class Variant:
             yield loader
 
     def steps(self, n: int) -> None:
+        from torch import nn
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         start, examples = time.perf_counter(), 0
         for _ in range(n):
             batch = next(self.batches)
@@ -88,6 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15, help="alternating rounds per variant")
     p.add_argument("--steps", type=int, default=4, help="training steps per round")
     args = p.parse_args(argv)
+    import torch
+
+    from trainer.data.dataset_spec import SHIPPED_DIR
+    from trainer.data.loader import CTRDataLoader, LoaderConfig
+    from trainer.data.preprocess import PreprocessConfig, preprocess
+    from trainer.data.synthetic_ads_log import AdsLogConfig, generate_ads_log
+
     torch.set_num_threads(1)  # the cores are shared: one intra-op thread measures the step, not the waiting
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,8 @@
 """Fixtures shared by the test modules (pytest hands them to any test that names them; no import).
 
 Plain helpers that tests call themselves (``train``, ``ok``, ``user_error``, ``TINY``, ``PYTHON``,
-``ROOT``, ``Launcher``, ...) are in ``tests/helpers.py``: ``from tests.helpers import ...``.
+``ROOT``, ``Launcher``, ...) are in ``tests/helpers.py``: ``from tests.helpers import ...``; the
+sweep tests' own (``tiny_spec``, ``sweep_cli``) in ``tests/sweep_helpers.py``.
 """
 
 from __future__ import annotations

@@ -3,15 +3,20 @@
 - no import cycles among the modules of ``trainer``, ``pipelines`` and ``bench`` (every
   import counts: top-level, inside functions, under ``if TYPE_CHECKING:``), with a unit test
   of the cycle finder on synthetic graphs and scratch package trees;
-- every CLI answers ``--help`` without importing torch, in plain text (no reStructuredText
-  double backticks from a docstring);
+- every CLI (every module that runs as a program is in ``bench.bench_cli_help.CLIS``)
+  answers ``--help`` without importing torch, in plain text (no reStructuredText double
+  backticks from a docstring);
+- ``python -m bench`` runs every ``bench/bench_*.py``;
 - the model names of the config are the model zoo's, and ``trainer.table_layout``'s
-  state-dict keys are a real model's.
+  state-dict keys are a real model's;
+- README's layout section names every module of ``trainer``, ``pipelines`` and ``tools``,
+  and only files that exist.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import subprocess
 import textwrap
@@ -237,6 +242,20 @@ def _help_problems(module: str) -> list[str]:
     return problems
 
 
+def test_every_cli_of_the_project_is_checked():
+    """A module that runs as a program (``if __name__ == "__main__":``, or a package's
+    ``__main__.py``) is in ``CLIS``, so its ``--help`` is checked below and timed."""
+    programs = set()
+    for module, path in project_modules(ROOT).items():
+        if module.endswith(".__main__"):
+            programs.add(module.removesuffix(".__main__"))
+        elif 'if __name__ == "__main__":' in path.read_text():
+            programs.add(module)
+    assert {"trainer.main", "bench", "bench.bench_loader"} <= programs
+    assert sorted(programs - set(CLIS)) == [], "CLIs missing from bench.bench_cli_help.CLIS"
+    assert sorted(set(CLIS) - programs) == [], "not CLIs, yet in bench.bench_cli_help.CLIS"
+
+
 @pytest.fixture(scope="module")
 def help_results() -> dict[str, list[str]]:
     """Every CLI's ``--help``, each in its own interpreter, two at a time."""
@@ -252,6 +271,15 @@ def test_cli_help_answers_without_importing_torch(module, help_results):
 
 
 # ---- names shared between modules -------------------------------------------------------------
+
+
+def test_python_m_bench_runs_every_benchmark():
+    from bench.__main__ import BENCHMARKS, STUDIES
+
+    modules = {f"bench.{path.stem}" for path in (ROOT / "bench").glob("bench_*.py")}
+    assert len(modules) > 10
+    assert sorted(modules - {*BENCHMARKS, *STUDIES}) == [], "benchmarks missing from bench/__main__.py (BENCHMARKS or STUDIES)"
+    assert sorted({*BENCHMARKS, *STUDIES} - modules) == [], "bench/__main__.py names benchmarks that do not exist"
 
 
 def test_config_model_names_are_the_model_zoo():
@@ -277,3 +305,42 @@ def test_table_layout_keys_are_the_models_state_dict_keys(mode):
         for field in fields:
             assert checkpoint_weight_key(m, field.name) in checkpoint_keys, (m, field.name, sorted(checkpoint_keys)[:5])
             assert model_weight_key(m, field.name) in model_keys, (m, field.name, sorted(model_keys)[:5])
+
+
+# ---- README's layout section and the tree ------------------------------------------------------
+
+LAYOUT_PACKAGES = ("trainer", "pipelines", "tools")
+
+
+def layout_entries(readme: str) -> list[str]:
+    """The paths of README's layout block: two spaces of indent per level below a ``dir/``
+    line (``model/`` then ``  heads.py`` is ``model/heads.py``); a name may be a glob."""
+    block = readme.split("\n## Layout\n", 1)[1].split("```\n", 2)[1]
+    entries: list[str] = []
+    parents: list[str] = []
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        parents = parents[:depth]
+        entries.append("".join(parents) + name)
+        if name.endswith("/"):
+            parents.append(name)
+    return entries
+
+
+def test_layout_entries_follow_the_indentation():
+    readme = "x\n## Layout\n\ntext\n```\na/   a dir\n  b.py  b\n  c/\n    d/*.py  ds\ne.py  e\n```\nmore\n"
+    assert layout_entries(readme) == ["a/", "a/b.py", "a/c/", "a/c/d/*.py", "e.py"]
+
+
+def test_readme_layout_lists_every_module_and_only_real_files():
+    files = [e for e in layout_entries((ROOT / "README.md").read_text()) if not e.endswith("/")]
+    modules = sorted(
+        str(path.relative_to(ROOT)) for package in LAYOUT_PACKAGES
+        for path in (ROOT / package).rglob("*.py") if path.name != "__init__.py"
+    )  # fmt: skip
+    assert len(modules) > 40 and "trainer/main.py" in files
+    unlisted = [m for m in modules if not any(fnmatch.fnmatch(m, f) for f in files)]
+    assert unlisted == [], "modules missing from README's layout section (one line each, saying what it owns)"
+    missing = [f for f in files if not any(ROOT.glob(f))]
+    assert missing == [], "README's layout section names files that do not exist"

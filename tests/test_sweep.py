@@ -21,36 +21,11 @@ import yaml
 from pipelines import sweep as sw
 from pipelines import sweep_launcher, sweep_report, sweep_spec
 from pipelines.paper_results import CITATION, PAPER_DATASETS, PAPER_SCALES, TABLE1_TEST_AUC, paper_test_auc
-from tests.helpers import PYTHON, ROOT, TINY, Launcher, ok, run, user_error
+from tests.helpers import ROOT, Launcher, ok, user_error
+from tests.sweep_helpers import TINY_SWEEP, sweep_cli, tiny_spec
 from trainer.errors import UserError
 
-# TINY without the keys every cell sets from the grid (model, mode, scale, base dim)
-TINY_SWEEP = [o for o in TINY if o.split("=")[0] not in sweep_spec.CELL_KEYS] + ["train.epochs=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_spec(path: Path, **spec) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def tiny_spec(tmp: Path, dataset: Path, name: str, **extra) -> Path:
-    spec = {
-        "output": str(tmp / name),
-        "datasets": {"tiny": str(dataset)},
-        "models": ["dnn", "dcnv2"],
-        "modes": ["se", "me"],
-        "scales": [1, 2],
-        "seeds": [0],
-        "base_dim": {"default": 4},
-        "overrides": TINY_SWEEP,
-    }
-    spec.update(extra)
-    return write_spec(tmp / f"{name}.yaml", **spec)
-
-
-def sweep_cli(spec: Path, *args: str, timeout: float = 600, **env: str):
-    return run([PYTHON, "-m", "pipelines.sweep", "--spec", str(spec), *args], timeout=timeout, **env)
 
 
 def results(out: Path) -> dict[str, dict]:

@@ -17,15 +17,11 @@ import yaml
 
 from pipelines import sweep as sw
 from pipelines import sweep_launcher, sweep_spec
-from tests.helpers import PYTHON, ok, run, user_error
-from tests.test_sweep import tiny_spec
+from tests.helpers import ok, user_error
+from tests.sweep_helpers import sweep_cli, tiny_spec
 from trainer.errors import UserError
 
 K8S = {"namespace": "ctr", "queue": "ctr", "service_account": "ctr-trainer"}
-
-
-def sweep_cli(spec: Path, *args: str, timeout: float = 600):
-    return run([PYTHON, "-m", "pipelines.sweep", "--spec", str(spec), *args], timeout=timeout)
 
 
 def test_kubernetes_dry_run_one_volcano_job_per_unfinished_cell(tmp_path, tiny_dataset):

@@ -45,7 +45,7 @@ DENSE_AUTOCASTS = ("none", "bf16")
 # initial tables: uniform = U(+-sqrt(1/cardinality)) per table (TorchRec's default); xavier_concat =
 # the authors': Xavier-uniform over one set's concatenated vocabulary, U(+-sqrt(6/(sum of cardinalities + dim)))
 EMBEDDING_INITS = ("uniform", "xavier_concat")
-# the models of trainer.model.interactions.INTERACTIONS (tests/test_model_zoo.py keeps the two equal)
+# the models of trainer.model.interactions.INTERACTIONS (tests/test_structure.py keeps the two equal)
 MODEL_NAMES = ("dnn", "dcnv2", "ipnn", "nfwfm", "xdeepfm", "finalmlp", "autoint")
 # NFwFM field pairs: all F x F ordered pairs with the diagonal (the reference) | i < j only
 NFWFM_PAIRS = ("all", "upper")
