@@ -126,6 +126,26 @@ def _peak_bytes(device, baseline: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
 
 
+def _saved_activation_bytes(step, model) -> int:
+    """Bytes autograd saves for the backward of one ``step`` (unique storages, parameters
+    and their flat FBGEMM weights excluded): the activations a batch holds at its peak."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {p._original_tensor.untyped_storage().data_ptr() for p in model.parameters() if hasattr(p, "_original_tensor")}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(saved.values())
+
+
 def _profile(step, steps: int, device, top: int) -> tuple[float, list[tuple[str, float, int]]]:
     """The share of ``steps`` calls of ``step`` spent outside matrix multiplies (profiler self
     time), and the ``top`` ops by self time: (name, share, calls per step)."""
@@ -209,6 +229,7 @@ def worker_ours(args: argparse.Namespace) -> dict | None:
     ]  # fmt: skip
     if args.device == "cuda":
         overrides += ["optim.embedding=adam", "train.dense_autocast=bf16"]
+    overrides += args.set
     config = load_config(None, overrides)
     ctx = init_distributed(config.run.device)
     try:
@@ -216,6 +237,7 @@ def worker_ours(args: argparse.Namespace) -> dict | None:
         if args.threads:  # after the trainer's own choice (the host's cores over its ranks)
             torch.set_num_threads(args.threads)
         trainer.model.train()
+        state = _peak_bytes(ctx.device, baseline) if ctx.device.type == "cuda" else _rss_bytes() - baseline
         batches = trainer.train_loader.iter_from(0)
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
@@ -229,12 +251,15 @@ def worker_ours(args: argparse.Namespace) -> dict | None:
 
         seconds = _timed(step, args.warmup, args.steps, barrier)
         share, top_ops = _profile(step, args.profile_steps, ctx.device, args.top)
+        activations = _saved_activation_bytes(step, trainer.model)
         tables = sum(t.cardinality * t.storage_dim for t in find_sparse_arch(trainer.model)[1].tables) * 4
         dense = sum(p.numel() * p.element_size() for name, p in trainer.model.named_parameters()
                     if SPARSE_ARCH_PREFIX not in name)  # fmt: skip
-        peak = ctx.all_reduce_sum([_peak_bytes(ctx.device, baseline)])[0]  # all ranks' memory together
-        result = {"examples_per_sec": args.steps * args.batch / seconds, "outside_matmul": share,
-                  "top_ops": top_ops, "peak_bytes": peak, "model_bytes": tables + dense}  # fmt: skip
+        # all ranks' memory together
+        peak, state, activations = ctx.all_reduce_sum([_peak_bytes(ctx.device, baseline), state, activations])
+        result = {"examples_per_sec": args.steps * args.batch / seconds, "outside_matmul": share, "top_ops": top_ops,
+                  "peak_bytes": peak, "model_bytes": tables + dense, "state_bytes": state,
+                  "activation_bytes": activations}  # fmt: skip
         return result if ctx.is_main else None
     finally:
         shutdown()
@@ -248,7 +273,7 @@ def _worker_cmd(kind: str, row: Row, args: argparse.Namespace, data: str, ranks:
         "--worker", kind, "--data", data, "--model", row.model, "--mode", row.mode, "--scale", str(row.scale),
         "--vocab", str(args.vocab), "--batch", str(args.batch), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps), "--device", args.device,
-        "--top", str(args.top), "--threads", str(args.threads),
+        "--top", str(args.top), "--threads", str(args.threads), *(f"--set={o}" for o in args.set),
     ]  # fmt: skip
     if ranks == 1:
         return [sys.executable, "-m", "bench.bench_train", *flags]
@@ -285,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="CPU threads of every process (default 0: torch's default for the baseline, the trainer's "
                         "cores / ranks for ours); 1 compares per core, unaffected by other processes' load")  # fmt: skip
     p.add_argument("--top", type=int, default=0, help="also print each run's N ops with the most self time (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for ours (repeatable), e.g. sharding.sharding_types=[table_wise]")
     p.add_argument("--no-baseline", action="store_true", help="skip the authors' baseline")
     # internal: one measurement in this process
     p.add_argument("--worker", choices=["authors", "ours"], help=argparse.SUPPRESS)
@@ -315,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = f"{args.threads} thread(s) per process" if args.threads else "default threads"
     print(f"device {args.device}, {threads}; global batch {args.batch}; {sum(cards):,} rows per set over {len(cards)} fields; "
           f"{args.warmup} warm-up + {args.steps} timed + {args.profile_steps} profiled steps per run")  # fmt: skip
-    header = f"{'model':<6} {'emb':<6} {'layout':<12} {'ex/s':>8} {'/authors':>8} {'outside mm':>10} {'peak MiB':>9} {'peak/model':>10}"
+    header = (f"{'model':<6} {'emb':<6} {'layout':<12} {'ex/s':>8} {'/authors':>8} {'outside mm':>10} {'peak MiB':>9} "
+              f"{'peak/model':>10} {'state/model':>11} {'activ MiB':>9}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=os.environ.get("TMPDIR")) as data:
         steps = args.warmup + args.steps + args.profile_steps + 2  # the pipeline reads two batches ahead
         build_dataset(data, cards, steps * args.batch, max(args.batch // 4, 16))
@@ -332,11 +360,16 @@ def main(argv: list[str] | None = None) -> None:
                 model_bytes = r.get("model_bytes")
                 ratio = f"{r['examples_per_sec'] / base:.2f}x" if base else "-"
                 per_model = f"{r['peak_bytes'] / model_bytes:.2f}" if model_bytes else "-"
+                state = f"{r['state_bytes'] / model_bytes:.2f}" if model_bytes else "-"
+                activations = _mib(r["activation_bytes"]) if "activation_bytes" in r else "-"
                 print(f"{row.model:<6} {row.label:<6} {name:<12} {r['examples_per_sec']:>8,.0f} {ratio:>8} "
-                      f"{r['outside_matmul']:>10.0%} {_mib(r['peak_bytes']):>9} {per_model:>10}", flush=True)  # fmt: skip
+                      f"{r['outside_matmul']:>10.0%} {_mib(r['peak_bytes']):>9} {per_model:>10} {state:>11} "
+                      f"{activations:>9}", flush=True)  # fmt: skip
                 for op, share, calls in r["top_ops"]:
                     print(f"{'':<27} {share:>6.1%}  {op} x{calls}")
-    print("peak: above the footprint after imports, all ranks together; model: tables' stored bytes + dense parameters")
+    print("peak: above the footprint after imports, all ranks together; model: tables' stored bytes + dense parameters;\n"
+          "state: memory after the trainer is built, before the first step (tables, optimizer state, dense model);\n"
+          "activ: what autograd saves for one step's backward (activations, proportional to the batch)")
 
 
 if __name__ == "__main__":

@@ -413,3 +413,51 @@ def test_a_table_trains_the_same_fused_or_replicated(name):
         _check_placements_agree(_train_in_both_placements(name, 0, 1))
     finally:
         dist.destroy_process_group()
+
+
+def test_grouped_rowwise_adagrad_steps_blocks_of_replicated_tables_like_rowwise_adagrad():
+    """Replicated tables of one flat FBGEMM weight (TorchRec's per-table views) are stepped as
+    one block, bit for bit as TorchRec's RowWiseAdagrad steps them one by one: weights, the
+    per-table state (same keys and shapes), idle rows untouched, in-place state loading."""
+    from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from trainer.embedding_optim import GroupedRowWiseAdagrad
+
+    shapes = [(5, 4), (7, 4), (3, 8), (4, 4)]  # a 4-wide block, an 8-wide table, a lone 4-wide table
+
+    def tables(flat):
+        out, offset = {}, 0
+        for i, (rows, cols) in enumerate(shapes):
+            out[f"t{i}"] = TableBatchedEmbeddingSlice(flat, offset, offset + rows * cols, rows, cols)
+            offset += rows * cols
+        return out
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(sum(r * c for r, c in shapes), generator=generator)
+    flats = [start.clone().requires_grad_() for _ in range(2)]
+    params = [tables(f) for f in flats]
+    optims = [
+        KeyedOptimizerWrapper(params[0], lambda p: RowWiseAdagrad(p, lr=0.1, eps=1e-8)),
+        KeyedOptimizerWrapper(params[1], lambda p: GroupedRowWiseAdagrad(p, lr=0.1, eps=1e-8)),
+    ]
+    grouped = optims[1]._optimizer
+    assert [[t.shape for t in block] for block, _, _ in grouped._blocks] == [[(5, 4), (7, 4)]]
+    for step in range(4):
+        grad = torch.randn(start.shape, generator=generator)
+        grad[:4] = 0  # rows 0 of t0 never looked up
+        for flat, optim in zip(flats, optims):
+            flat.grad = grad.clone()
+            optim.step()
+        if step == 1:  # a checkpoint round trip, loaded in place as DCP does
+            saved = optims[0].state_dict()
+            optims[1].load_state_dict(saved)
+    assert torch.equal(flats[0], flats[1])
+    assert torch.equal(flats[1][:4], start[:4])
+    reference, ours = optims[0].state_dict()["state"], optims[1].state_dict()["state"]
+    assert reference.keys() == ours.keys()
+    for key in reference:
+        for name in ("sum", "step"):
+            assert reference[key][name].shape == ours[key][name].shape
+            assert torch.equal(reference[key][name], ours[key][name]), (key, name)
