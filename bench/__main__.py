@@ -22,6 +22,7 @@ BENCHMARKS = [
     "bench.bench_synthetic",
     "bench.bench_preprocess",
     "bench.bench_dataset_spec",
+    "bench.bench_vocabulary",
     "bench.bench_loader",
     "bench.bench_collapse",
     "bench.bench_checkpoint",

@@ -19,13 +19,14 @@ import yaml
 
 from tests.helpers import PYTHON, ROOT
 from trainer.data.dataset_spec import shipped_names, shipped_spec, spec_from_dict
-from trainer.data.hashing import bucket_ids
+from trainer.data import vocabulary as vocabulary_module
+from trainer.data.hashing import bucket_ids, hash_tokens
 from trainer.data.preprocess import PreprocessConfig, preprocess, run_worker
 from trainer.data.raw_formats import AVAZU, CRITEO
 from trainer.data.schema import MISSING_ID, OOV_ID, SPLITS, read_schema
 from trainer.data.splits import TEST, TRAIN, VAL, assign_splits, file_key
 from trainer.data.transforms import criteo_integer_token
-from trainer.data.vocabulary import write_vocabulary
+from trainer.data.vocabulary import VocabularyLookup, build_vocabulary, write_vocabulary
 from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError
 
@@ -140,6 +141,29 @@ def test_hash_buckets_are_the_documented_stable_hash():
     assert bucket_ids(array.slice(2), 1000).tolist() == expected[2:]  # an offset array: same ids
 
 
+def test_vocabulary_lookup_gives_each_token_its_id_even_when_hashes_collide(monkeypatch):
+    rng = np.random.default_rng(5)
+    words = sorted({bytes(rng.integers(0, 256, rng.integers(0, 20)).astype(np.uint8)) for _ in range(400)})
+    counts = pa.table({"token": pa.array(words[:300], pa.binary()), "count": pa.array(rng.integers(1, 9, 300), pa.int64())})
+    vocabulary = build_vocabulary(counts, 3)
+    id_of = dict(zip(vocabulary["token"].to_pylist(), vocabulary["id"].to_pylist()))
+    assert 0 < len(id_of) < len(words)
+
+    def check(chunk: list[bytes]) -> None:  # the spill's dictionary layout: the missing value last
+        column = pa.array([*chunk, None], pa.binary()).dictionary_encode(null_encoding="encode")
+        expected = [id_of.get(w, OOV_ID) for w in chunk] + [MISSING_ID]
+        assert VocabularyLookup(vocabulary).entry_ids(column).tolist() == expected
+        assert VocabularyLookup(build_vocabulary(counts, 99)).entry_ids(column).tolist() == [OOV_ID] * len(chunk) + [MISSING_ID]
+
+    small = words[::10]  # a chunk of 40 tokens: the vocabulary's hash index; all 400: a set built for the chunk
+    check(small), check(words)
+    weak = lambda tokens: hash_tokens(tokens) % np.uint64(256)  # noqa: E731 - a hash many tokens share
+    sharing = Counter(weak(vocabulary["token"].combine_chunks()).tolist()).values()
+    assert min(sharing) == 1 and max(sharing) > 2  # tokens alone on their hash, and tokens sharing one
+    monkeypatch.setattr(vocabulary_module, "hash_tokens", weak)
+    check(small)
+
+
 def _csv_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = np.random.default_rng(seed)
     rows = []
@@ -217,6 +241,18 @@ def test_every_column_type_from_a_csv_with_a_header(tmp_path):
     assert pq.read_schema(out / schema.splits["train"].files[0]).field("tags").type == pa.list_(pa.int32())
 
 
+def test_a_custom_delimiter_reads_as_the_default_one(tmp_path):
+    rows = _csv_rows(200, seed=4)
+    _write_csv(tmp_path / "comma.csv", rows)
+    cols = list(rows[0])
+    (tmp_path / "semi.csv").write_text("".join(";".join(r[c] for c in cols) + "\n" for r in [dict(zip(cols, cols)), *rows]))
+    comma, _ = _run(tmp_path, _CSV_SPEC, out="comma", input=str(tmp_path / "comma.csv"))
+    semi_spec = {**_CSV_SPEC, "input": {**_CSV_SPEC["input"], "delimiter": ";"}}
+    semi, schema = _run(tmp_path, semi_spec, out="semi", input=str(tmp_path / "semi.csv"))
+    assert schema.recipe["spec"]["input"]["delimiter"] == ";" and schema.recipe["rows_read"] == len(rows)
+    assert _same_bytes(comma, semi) == []  # the note column's "free text, ignored" is one value in both
+
+
 def _ads_parquet(root: Path, days: int = 3, n: int = 120, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -266,6 +302,26 @@ def test_parquet_list_column_and_time_split(tmp_path):
     assert schema.cardinality("history") == 5 + 2 and not (out / "vocab" / "history.parquet").exists()
     assert [g["history"] for g in _table(out, "test").to_pylist()] == [
         [MISSING_ID + 1 + _hash_reference(t.encode()) % 5 for t in r["history"][:3]] for r in want[TEST]]
+
+
+def test_time_split_on_a_parquet_timestamp_column(tmp_path):
+    rng = np.random.default_rng(6)
+    start = np.datetime64("2026-01-01T00:00:00", "ms")
+    times = [start + np.timedelta64(int(m), "m") for m in rng.integers(0, 4 * 24 * 60, 300)]
+    times[5] = None
+    pq.write_table(pa.table({"click": rng.integers(0, 2, 300), "user": rng.integers(0, 9, 300),
+                             "ts": pa.array(times, pa.timestamp("ms"))}), tmp_path / "t.parquet")  # fmt: skip
+    spec = {"name": "ts", "input": {"format": "parquet"},
+            "columns": [{"name": "click", "type": "label"}, {"name": "user", "type": "categorical"}, {"name": "ts", "type": "ignore"}],
+            "split": {"kind": "time", "time": {"column": "ts", "train_before": "2026-01-03", "val_before": "2026-01-03T12:00"}}}  # fmt: skip
+    with pytest.raises(UserError, match=r"t\.parquet:row group 0:row 5: time column ts is empty"):
+        _run(tmp_path, spec, input=str(tmp_path / "t.parquet"))
+    _, schema = _run(tmp_path, spec, out="o2", input=str(tmp_path / "t.parquet"), on_bad_rows="skip")
+    kept = [t for t in times if t is not None]
+    cut, val = np.datetime64("2026-01-03"), np.datetime64("2026-01-03T12:00")
+    assert schema.recipe["rows"] == {"train": sum(t < cut for t in kept), "val": sum(cut <= t < val for t in kept),
+                                     "test": sum(t >= val for t in kept)}  # fmt: skip
+    assert min(schema.recipe["rows"].values()) > 20 and schema.recipe["bad_rows"]["count"] == 1
 
 
 def test_files_split_spreads_a_file_listed_twice_by_the_ratios(tmp_path):
@@ -374,7 +430,10 @@ _BASE = {"name": "t", "input": {"format": "csv", "header": True},
          "columns": [{"name": "y", "type": "label"}, {"name": "a", "type": "categorical"}]}  # fmt: skip
 
 
-def _with(path: str, value: object) -> dict:
+def _with(path: str, value: object) -> object:
+    """_BASE with the value at a dotted key path replaced (path "": the whole spec is ``value``)."""
+    if not path:
+        return value
     spec = yaml.safe_load(yaml.safe_dump(_BASE))
     node = spec
     keys = path.split(".")
@@ -417,6 +476,23 @@ def _with(path: str, value: object) -> dict:
     ("split", {"kind": "files", "files": {"train": ["x"], "holdout": ["y"]}}, r"split\.files: unknown split\(s\) \['holdout'\]; allowed: \['train', 'val', 'test'\]"),
     ("split", {"kind": "random", "files": {"train": ["x"]}}, r"split\.files: only with kind files"),
     ("defaults.min_count", 0, r"defaults\.min_count: must be >= 1"),
+    ("columns.1", {"name": "a", "type": "multi_hot", "max_length": 4, "separator": ","}, r"columns\[1\]\.separator: ',' is the file's delimiter"),
+    ("columns.1", {"name": "a", "type": "numeric", "dense": "log1p", "min_count": 2}, r"columns\[1\]\.min_count: only for a numeric column with a token"),
+    ("input.format", "parquet", r"input: header and delimiter are for csv/tsv, not parquet"),
+    ("input", {"format": "parquet", "delimiter": ";"}, r"input: header and delimiter are for csv/tsv, not parquet"),
+    ("input.delimiter", "||", r"input\.delimiter: one character, got '\|\|'"),
+    ("split.ratios", [0, 1, 1], r"split\.ratios: the train part must be positive, got \[0\.0, 1\.0, 1\.0\]"),
+    ("", {**_BASE, "columns": [_BASE["columns"][0], {"name": "a", "type": "multi_hot", "max_length": 3, "separator": "|"}],
+          "split": {"kind": "time", "time": {"column": "a", "train_before": 1, "val_before": 2}}},
+     r"split\.time\.column: 'a' is multi_hot; the time column is a label, categorical, numeric or ignore column"),
+    ("split", {"kind": "time", "time": {"column": "a", "train_before": [1], "val_before": 2}},
+     r"split\.time: train_before and val_before are numbers or ISO timestamps"),
+    ("split", {"kind": "time", "time": {"column": "a", "train_before": 1, "val_before": "2026-01-02"}},
+     r"split\.time: train_before and val_before must both be numbers or both text"),
+    ("split", {"time": {"column": "a", "train_before": 1, "val_before": 2}}, r"split\.time: only with kind time \(kind is random\)"),
+    ("split", {"kind": "files", "files": {"train": [], "val": ["x"]}}, r"split\.files\.train: no globs; train needs files"),
+    ("columns.1", "a", r"columns\[1\]: expected a mapping like \{name: C1, type: categorical\}, got 'a'"),
+    ("", ["name", "t"], r"expected a mapping with keys name, input, columns"),
 ])  # fmt: skip
 def test_spec_errors_name_the_key_path_and_the_allowed_values(path, value, message):
     with pytest.raises(UserError, match=r"^spec\.yaml: (.*)?" + message):

@@ -1,6 +1,6 @@
 """Multi-hot fields end to end, in process: the loader's KJT lengths, pooling in the sparse
-arch (sum and mean, empty rows), the serving program against the eager model (-1 padding
-anywhere in a field's columns, int8 tables), and the loader's refusals.
+arch (sum and mean, empty rows), the serving program against the eager model for every
+model of the zoo (-1 padding anywhere in a field's columns, int8 tables), and the loader's refusals.
 
 Every row carries its row number ``i`` in field ``id``; its multi-hot field ``h`` holds
 ``i % 4`` ids ``i % 5, i % 5 + 1, ...``, so content can be checked batch by batch.
@@ -21,7 +21,7 @@ from trainer.data.writer import DatasetWriter, make_table
 from trainer.errors import UserError
 from trainer.export.artifact import serving_ids
 from trainer.export.serving_model import ServingModel, export_program
-from trainer.job_config import EmbeddingConfig, ModelConfig
+from trainer.job_config import MODEL_NAMES, EmbeddingConfig, ModelConfig
 from trainer.model import MultiEmbeddingCTR
 
 N_TRAIN, N_VAL = 1_003, 211
@@ -125,9 +125,11 @@ def padded(rows: list[list[int]], width: int) -> torch.Tensor:
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
 
 
-def test_serving_program_pools_like_the_trained_model():  # every model of the zoo above the pooling: test_export.py
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_serving_program_pools_like_the_trained_model(name):
+    """Every model of the zoo, multi-hot fields (mean and sum, empty bags) beside single-id ones."""
     fields = [SparseField("a", 7), SparseField("h", 11, 3, "mean"), SparseField("t", 5, 2, "sum"), SparseField("b", 4)]
-    model = MultiEmbeddingCTR.from_config(fields, ModelConfig(name="dcnv2", hidden=16), EmbeddingConfig("me", 2, 4), seed=1).eval()
+    model = MultiEmbeddingCTR.from_config(fields, ModelConfig(name=name, hidden=16), EmbeddingConfig("me", 2, 4), seed=1).eval()
     g = torch.Generator().manual_seed(0)
     batch = 9
     a, b = torch.randint(0, 7, (batch,), generator=g), torch.randint(0, 4, (batch,), generator=g)

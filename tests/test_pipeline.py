@@ -139,6 +139,20 @@ def test_kubernetes_dryrun_of_the_pipeline_gives_volcano_jobs():
     assert "queue: ctr" in out and "serviceAccountName: ctr-trainer" in out
 
 
+def test_pipeline_gives_the_preprocess_job_one_replica_per_worker(capsys):
+    from pipelines.run import main
+
+    main(["--config", str(ROOT / "configs" / "pipelines" / "kubernetes.yaml"), "--dryrun", "--set", "preprocess.workers=2"])
+    out = capsys.readouterr().out
+    job = yaml.safe_load(out.split("--- stage preprocess -> ", 1)[1].split("\n", 1)[1].split("--- stage train", 1)[0])
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)
+    for i, task in enumerate(tasks):
+        (container,) = task["template"]["spec"]["containers"]
+        command = container["command"]
+        assert command[command.index("--workers") + 1] == "2" and command[command.index("--worker") + 1] == str(i)
+
+
 def _volcano_job(stdout: str) -> dict:
     request = stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
     return yaml.safe_load(request)

@@ -274,7 +274,10 @@ def _validate_split(spec: DatasetSpec, names: list[str], where: str) -> None:
         if s.time.column not in names:
             raise UserError(f"{where}: split.time.column: {s.time.column!r} is not a column; columns are {names}")
         if next(c for c in spec.columns if c.name == s.time.column).type == "multi_hot":
-            raise UserError(f"{where}: split.time.column: {s.time.column!r} is multi_hot")
+            raise UserError(
+                f"{where}: split.time.column: {s.time.column!r} is multi_hot; "
+                "the time column is a label, categorical, numeric or ignore column"
+            )
         cuts = (s.time.train_before, s.time.val_before)
         if any(isinstance(v, bool) or not isinstance(v, (int, float, str)) for v in cuts):
             raise UserError(f"{where}: split.time: train_before and val_before are numbers or ISO timestamps")

@@ -30,7 +30,7 @@ from trainer.data.raw_reader import RawChunk, show_bytes
 from trainer.data.schema import MISSING_ID, OOV_ID, SPLITS
 from trainer.data.splits import TEST, TRAIN, VAL, assign_splits, file_key, time_splits
 from trainer.data.transforms import INTEGER_TOKEN_RULE, criteo_integer_token, log_dense
-from trainer.data.vocabulary import TokenCounts, entry_ids
+from trainer.data.vocabulary import TokenCounts, VocabularyLookup
 from trainer.data.writer import make_table
 from trainer.errors import UserError
 
@@ -446,7 +446,7 @@ def map_batches(
     full, and a view would keep the whole chunk alive. Counts OOV ids into
     ``oov`` (split x field).
     """
-    lookups = {name: (v["token"].combine_chunks(), v["id"].combine_chunks()) for name, v in vocabularies.items()}
+    lookups = {name: VocabularyLookup(v) for name, v in vocabularies.items()}
     fields = spec.fields
     for batch in spill:
         bounds = np.searchsorted(batch.column("split").to_numpy(), np.arange(len(SPLITS) + 1))
@@ -461,7 +461,7 @@ def map_batches(
             if c.hash_buckets is not None:
                 ids.append((None, column.to_numpy(), offsets))
             else:
-                ids.append((entry_ids(column, *lookups[c.name]), column.indices.to_numpy(), offsets))
+                ids.append((lookups[c.name].entry_ids(column), column.indices.to_numpy(), offsets))
         labels = batch.column("label").to_numpy()
         dense = None
         if spec.dense_columns:
