@@ -105,6 +105,13 @@ def torchrun(*overrides: str, nproc: int = 2, max_restarts: int = 0, resume: str
     return run(cmd, timeout=timeout, **env)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): what a killed run's owner file names."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import subprocess
-import sys
 import uuid
 
 import pytest
 
+from tests.helpers import dead_pid
 from trainer.atomic_output import atomic_directory, refuse_overlap
 from trainer.errors import UserError
 from trainer.storage import filesystem
@@ -43,12 +42,6 @@ def _write(url: str, files: dict[str, bytes], **kw) -> None:
         fs, path = filesystem(tmp)
         for name, data in files.items():
             fs.pipe(f"{path}/{name}", data)
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_overwrite_swaps_and_leaves_nothing_beside(root):
@@ -95,7 +88,7 @@ def _owner(fs, path: str, **record) -> None:
 
 def test_what_dead_runs_left_is_cleaned_or_restored_and_the_rest_reported(root, caplog):
     fs, parent, url = root
-    here, dead = socket.gethostname(), _dead_pid()
+    here, dead = socket.gethostname(), dead_pid()
     _write(f"{url}/ds", {"M": b"old"}, marker="M")
     # a run that died mid-swap: the output renamed away, the new one not yet in place
     fs.mv(f"{parent}/ds", f"{parent}/ds.old-0000aaaa", recursive=True)

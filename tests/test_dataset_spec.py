@@ -236,6 +236,7 @@ def test_every_column_type_from_a_csv_with_a_header(tmp_path):
             assert g["site"] == (MISSING_ID if not r["site"] else MISSING_ID + 1 + _hash_reference(r["site"].encode()) % 7)
             assert g["tags"] == [tags_v.get(t, OOV_ID) for t in tag_list(r["tags"])]
             assert g["price"] == (MISSING_ID if not r["price"] else price_v.get(bucket(r["price"]), OOV_ID))
+            assert g["cnt"] == cnt_v.get(str(int(criteo_integer_token(np.array([int(r["cnt"])]))[0])), OOV_ID)
             assert g["dense"][0] == pytest.approx(float(r["price"]) if r["price"] else 0.0, rel=1e-6)
             assert g["dense"][1] == pytest.approx(math.log1p(int(r["cnt"])), rel=1e-6)
     assert pq.read_schema(out / schema.splits["train"].files[0]).field("tags").type == pa.list_(pa.int32())

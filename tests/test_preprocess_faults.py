@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT, cli_env, ok, run, user_error
+from tests.helpers import PYTHON, ROOT, cli_env, dead_pid, ok, run, user_error
 
 REAL_CRITEO = ROOT.parent / "shared" / "data" / "criteo" / "criteo_kaggle_train_head_10k.txt"
 _ESC = "\x1b"
@@ -172,12 +172,6 @@ def test_skip_drops_every_kind_of_bad_row_and_keeps_the_rest_exactly(real_lines,
 # --- temporaries of killed and live runs ----------------------------------------------------------
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([PYTHON, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def _write_rows(path: Path, lines: list[bytes]) -> Path:
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
@@ -188,7 +182,7 @@ def test_next_run_cleans_a_dead_runs_temporary_and_reports_one_without_owner(rea
     dead = tmp_path / "out.tmp-0000dead"
     (dead / "vocab").mkdir(parents=True)
     (dead / "_spill.arrow").write_bytes(b"x" * 300_000)
-    (tmp_path / "out.tmp-0000dead.owner").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    (tmp_path / "out.tmp-0000dead.owner").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
     unowned = tmp_path / "out.tmp-0f0e0d0c"  # as the code before owner files left it
     unowned.mkdir()
     (unowned / "_spill.arrow").write_bytes(b"y" * 2_500_000)

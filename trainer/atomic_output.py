@@ -8,6 +8,10 @@ complete. Beside the temporary ``OUT.tmp-XXXXXXXX`` lies ``OUT.tmp-XXXXXXXX.owne
 that a complete output exists at every instant. The next run on the same output
 removes what a dead run of this host left (restoring the old output if it died
 mid-swap) and reports, with size and how to remove it, what it cannot vouch for.
+An output that cannot be written (below a file, on a read-only mount, without
+permission) is a ``UserError`` before anything is written, and ``--overwrite`` replaces a
+directory only when its marker file is what the tool writes. ``check_output`` runs these
+checks on their own, for a tool that reads for minutes before it writes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import re
 import shlex
 import socket
 import sys
+import tempfile
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -51,23 +56,24 @@ def atomic_directory(
     ``what``) is replaced. ``url`` may not be, hold or lie inside any of
     ``inputs``. What dead runs left beside ``url`` is cleaned up or reported first.
     """
+    check_output(url, overwrite, marker=marker, what=what, inputs=inputs)
     fs, path = filesystem(url)
     path = path.rstrip("/")
-    for source in inputs:
-        refuse_overlap(url, source)
-    _recover(fs, path, url)
-    if fs.exists(path):
-        if not overwrite:
-            raise UserError(f"output already exists: {url} (remove it or pass --overwrite)")
-        _check_replaceable(fs, path, url, marker, what)
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
     token = uuid.uuid4().hex[:8]
     tmp_path, old_path = f"{path}.tmp-{token}", f"{path}.old-{token}"
     owner_path = tmp_path + _OWNER
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe(owner_path, json.dumps(_owner_record()).encode())  # before the temporary: it never lacks one
     try:
-        fs.makedirs(tmp_path, exist_ok=True)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe(owner_path, json.dumps(owner_record()).encode())  # before the temporary: it never lacks one
+    except OSError as e:
+        _remove(fs, owner_path)
+        raise _unwritable(url, e) from None
+    try:
+        try:
+            fs.makedirs(tmp_path, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(url, e) from None
         try:
             yield protocol + tmp_path
             _commit(fs, path, url, tmp_path, old_path, overwrite, marker, what)
@@ -76,6 +82,24 @@ def atomic_directory(
             raise
     finally:
         _remove(fs, owner_path)
+
+
+def check_output(
+    url: str, overwrite: bool = False, *, marker: str | None = None, what: str = "output of this tool", inputs: Sequence[str] = ()
+) -> None:
+    """What ``atomic_directory`` checks before it writes (a tool that reads for minutes calls it up
+    front too): ``url`` is writable, does not overlap ``inputs``, and does not exist, or may be
+    replaced (``overwrite``, ``marker``); what dead runs left beside it is cleaned up or reported."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    for source in inputs:
+        refuse_overlap(url, source)
+    check_writable(url)
+    _recover(fs, path, url)
+    if fs.exists(path):
+        if not overwrite:
+            raise UserError(f"output already exists: {url} (remove it or pass --overwrite)")
+        _check_replaceable(fs, path, url, marker, what)
 
 
 def _commit(
@@ -109,19 +133,93 @@ def _commit(
 
 
 def _check_replaceable(fs: fsspec.AbstractFileSystem, path: str, url: str, marker: str | None, what: str) -> None:
-    """Refuse to overwrite what is not the caller's own output (no ``marker`` in it) nor an empty directory."""
+    """Refuse to overwrite what is not the caller's own output nor an empty directory: its
+    ``marker`` must be there, and (for the markers of ``_OWN_MARKERS``) be what that tool writes."""
     if marker is None:
         return
     if not fs.isdir(path):
         raise UserError(
             f"refusing to overwrite {url}: it is a file, not a {what}; remove it yourself or choose another output"
         )
-    if fs.isfile(join(path, marker)) or not fs.ls(path, detail=False):
+    if not fs.ls(path, detail=False):
         return
+    marker_path = join(path, marker)
+    if fs.isfile(marker_path):
+        why = _not_own_marker(fs, marker_path, marker)
+        if why is None:
+            return
+        reason = f"its {marker} is not one this tool writes ({why})"
+    else:
+        reason = f"no {marker} in it"
     raise UserError(
-        f"refusing to overwrite {url}: it is not a {what} (no {marker} in it), and --overwrite would delete "
+        f"refusing to overwrite {url}: it is not a {what} ({reason}), and --overwrite would delete "
         "everything in it; remove it yourself or choose another output"
     )
+
+
+def _dataset_schema(record: dict[str, Any]) -> None:
+    from trainer.data.schema import DatasetSchema
+
+    DatasetSchema.from_dict(record)
+
+
+def _keys(*names: str) -> Callable[[dict[str, Any]], None]:
+    def check(record: dict[str, Any]) -> None:
+        missing = [n for n in names if n not in record]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+
+    return check
+
+
+# The marker files of this project's outputs, and what each must hold to mark one: a JSON
+# object its writer wrote (a marker not listed here only has to exist).
+_OWN_MARKERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "schema.json": _dataset_schema,  # a prepared dataset (trainer.data.schema)
+    "MANIFEST.json": _keys("format", "files"),  # an exported model (trainer.export.runtime)
+    "collapse.json": _keys("format", "reports"),  # a collapse report (trainer.collapse.report)
+    "report.json": _keys("generator", "config", "days"),  # a synthetic ads log (trainer.data.synthetic_ads_log)
+}
+
+
+def _not_own_marker(fs: fsspec.AbstractFileSystem, marker_path: str, marker: str) -> str | None:
+    """Why the file ``marker_path`` is not a ``marker`` this project writes; None when it is."""
+    check = _OWN_MARKERS.get(marker)
+    if check is None:
+        return None
+    try:
+        record = json.loads(fs.cat_file(marker_path))
+        if not isinstance(record, dict):
+            return f"a JSON {type(record).__name__}, not an object"
+        check(record)
+    except (OSError, ValueError, UserError) as e:
+        return str(e)[:200] or type(e).__name__
+    return None
+
+
+def check_writable(url: str) -> None:
+    """UserError ``cannot write URL: reason`` when the output ``url`` cannot be created: a
+    file where a directory above it should be, a read-only file system, no permission
+    (local paths: a probe file in the nearest existing directory; an object store's refusal
+    shows when the output is written)."""
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    parent = os.path.dirname(os.path.abspath(path.rstrip("/") or "/"))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {url}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise _unwritable(url, e, parent) from None
+
+
+def _unwritable(url: str, e: OSError, where: str | None = None) -> UserError:
+    reason = e.strerror or str(e) or type(e).__name__
+    return UserError(f"cannot write {url}: {reason}" + (f" (in {where})" if where else ""))
 
 
 def refuse_overlap(output_url: str, input_url: str) -> None:
@@ -148,7 +246,8 @@ def refuse_overlap(output_url: str, input_url: str) -> None:
 _OWNER = ".owner"
 
 
-def _owner_record() -> dict[str, Any]:
+def owner_record() -> dict[str, Any]:
+    """Who this process is (host, pid, pid namespace, start time): what tells later runs whether it still runs."""
     pid = os.getpid()
     stat = _proc_stat(pid)
     return {
@@ -296,6 +395,27 @@ def _recover(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
         _remove(fs, found.get("owner"))
 
 
+def clean_or_report(url: str, records: list[Any], what: str) -> None:
+    """Remove the directory ``url`` that a run left (``what`` it is), once every one of its
+    processes (``records``: ``owner_record``s) is known to be gone; leave it to a live one;
+    otherwise report it with its size and how to remove it."""
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    alive = [_owner_alive(r) for r in records]
+    who = "; ".join(_describe(r) for r in records) if records else _describe(None)
+    size = _size(fs, path)
+    if any(alive):
+        log.info("%s (%s) belongs to a run still running (%s); leaving it alone", url, what, who)
+    elif records and all(a is False for a in alive):
+        fs.rm(path, recursive=True)
+        log.warning("removed %s (%s, %s), left by a run that is no longer running (%s)", url, what, size, who)
+    else:
+        log.warning(
+            "%s (%s, %s) was left by a run that crashed or is still running (%s); if no run uses it, remove it: %s",
+            url, what, size, who, _removal_hint(fs, [path], protocol),
+        )  # fmt: skip
+
+
 def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     """Rename ``src`` to ``dst``, which must not exist (a local rename never moves ``src`` into a directory ``dst``)."""
     if isinstance(fs, LocalFileSystem):
@@ -318,6 +438,8 @@ def _remove(fs: fsspec.AbstractFileSystem, path: str | None) -> None:
 @contextlib.contextmanager
 def atomic_files(urls: list[str], overwrite: bool) -> Iterator[list[str]]:
     """Temporary URLs for ``urls``, renamed into place (the first one last) on success, removed on failure."""
+    for url in urls:
+        check_writable(url)
     fs, paths = zip(*(filesystem(u) for u in urls))
     existing = [u for u, f, p in zip(urls, fs, paths) if f.exists(p)]
     if existing and not overwrite:

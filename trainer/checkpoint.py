@@ -11,8 +11,11 @@ This module owns the checkpoint format and needs no torch (the sweep and the pip
 it through ``trainer.run_dir``): the names (``step-XXXXXXXX``, ``meta.json``, DCP's
 ``.metadata``), listing and resolving checkpoints, and the sha256 of every file, recorded
 in ``meta.json`` when a checkpoint is committed and verified before one is read
-(``verify_files``). Saving and loading the tensors is ``trainer.dcp_io``; the keys of the
-tables in the saved state are ``trainer.table_layout``'s.
+(``verify_files``), and the sha256 of ``meta.json``'s own content (``seal``), verified by
+``read_meta``: an edited or damaged ``meta.json`` (a flipped digit of the training
+position) is an error, one written before digests were recorded is read with a warning.
+Saving and loading the tensors is ``trainer.dcp_io``; the keys of the tables in the saved
+state are ``trainer.table_layout``'s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ META = "meta.json"  # written last: the commit marker
 DCP_METADATA = ".metadata"  # DCP's own index of the shards
 RUN_CHECKPOINTS = "checkpoints"  # where a run directory keeps its checkpoints (trainer.run_dir)
 FILES_KEY = "files"  # meta.json: {file name: {"sha256": hex, "bytes": size}} of every other file
+DIGEST_KEY = "meta_sha256"  # meta.json: sha256 of the rest of its content (``seal``)
 _HASH_BLOCK = 8 << 20
 
 log = logging.getLogger("trainer.checkpoint")
@@ -89,7 +93,19 @@ def resolve_checkpoint(url: str) -> str:
     )
 
 
+def seal(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the sha256 of its content under ``DIGEST_KEY``: what ``meta.json`` holds."""
+    return {**meta, DIGEST_KEY: _content_digest(json.loads(json.dumps(meta)))}
+
+
+def _content_digest(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` (as read back from JSON) in a canonical JSON form: key order and
+    whitespace do not matter, every value does."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_meta(url: str) -> dict[str, Any]:
+    """The checkpoint's ``meta.json`` (without its digest), after checking that digest."""
     fs, path = filesystem(join(url, META))
     if not fs.exists(filesystem(url)[1]):
         raise UserError(f"checkpoint not found: {url}")
@@ -97,9 +113,20 @@ def read_meta(url: str) -> dict[str, Any]:
         raise UserError(f"checkpoint {url} is incomplete: it has no {META} (not written by a finished save)")
     try:
         with fs.open(path, "r") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint {url}: {META} is corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {url}: {META} is corrupt (a JSON {type(meta).__name__}, not an object)")
+    recorded = meta.pop(DIGEST_KEY, None)
+    if recorded is None:
+        log.warning("checkpoint %s: its %s has no digest (written by an older trainer): it is not verified", url, META)
+    elif recorded != _content_digest(meta):
+        raise UserError(
+            f"checkpoint {url} is corrupt: {join(url, META)} does not match the sha256 recorded in it when it was "
+            "written (edited or damaged since)"
+        )
+    return meta
 
 
 def file_digests(url: str) -> dict[str, dict[str, Any]]:

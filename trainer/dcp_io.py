@@ -1,9 +1,9 @@
 """Saving and loading training checkpoints with ``torch.distributed.checkpoint`` (DCP), safely.
 
 ``save`` writes every rank's shards under a temporary name; rank 0 then records the sha256
-of every file in ``meta.json`` and renames the directory (``trainer.checkpoint`` owns that
-format). ``load`` verifies those checksums first, so a flipped byte or a truncated shard is
-an error, never a silently different model.
+of every file (and of ``meta.json``'s own content) in ``meta.json`` and renames the directory
+(``trainer.checkpoint`` owns that format). ``load`` verifies those checksums, so a flipped
+byte or a truncated shard is an error, never a silently different model.
 
 No code runs from a checkpoint. DCP's own reader unpickles ``.metadata`` with plain
 ``pickle`` and non-tensor entries with ``torch.load(weights_only=False)``: a crafted file
@@ -123,7 +123,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Save ``state`` (model / optimizer state dicts) on every rank; rank 0 records every file's
-    sha256 in ``meta.json`` and commits the checkpoint. Returns its URL."""
+    sha256 in ``meta.json``, seals it (``checkpoint.seal``) and commits the checkpoint. Returns its URL."""
     final = join(ckpt_dir, checkpoint.checkpoint_name(step))
     tmp = final + ".tmp"
     fs, tmp_path = filesystem(tmp)
@@ -134,7 +134,7 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) 
         fs.makedirs(tmp_path, exist_ok=True)
 
     def commit() -> None:
-        committed = {**meta, checkpoint.FILES_KEY: checkpoint.file_digests(tmp)}
+        committed = checkpoint.seal({**meta, checkpoint.FILES_KEY: checkpoint.file_digests(tmp)})
         with fs.open(join(tmp_path, checkpoint.META), "w") as f:
             json.dump(committed, f, indent=2)
         final_path = filesystem(final)[1]

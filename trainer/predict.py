@@ -34,7 +34,7 @@ def score_parquet(predictor: Any, path: str, output: str, batch_rows: int, label
 
     from trainer.export.runtime import ArtifactError
 
-    out = predictor.check_output(output, overwrite)
+    out = predictor.check_output(output, overwrite, path)
     transform = predictor.transform
     try:
         file = pq.ParquetFile(path)

@@ -16,7 +16,7 @@ import logging
 from trainer.cli_help import HelpFormatter, description
 from trainer.errors import UserError, run_cli
 from trainer.run_dir import RunDir
-from trainer.storage import filesystem, join
+from trainer.storage import join
 
 log = logging.getLogger("trainer.collapse")
 
@@ -43,15 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from trainer.collapse.report import write_report
+    from trainer.atomic_output import check_output
+    from trainer.collapse.report import JSON_NAME, write_report
     from trainer.collapse.stored_tables import analyze_checkpoint
     from trainer.telemetry import MONITOR_JOB, Telemetry
 
     if (args.chunk_rows is not None and args.chunk_rows < 1) or (args.band_rows is not None and args.band_rows < 1):
         raise UserError("--chunk-rows and --band-rows must be positive")
-    fs, out_path = filesystem(args.output)
-    if fs.exists(out_path) and not args.overwrite:  # before minutes of reading, not after
-        raise UserError(f"output already exists: {args.output} (remove it or pass --overwrite)")
+    check_output(args.output, args.overwrite, marker=JSON_NAME, what="collapse report")  # before minutes of reading
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     reports = []
     for url in args.checkpoint:

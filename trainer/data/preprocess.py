@@ -19,7 +19,10 @@ The phases work file by file (``trainer.data.phases``), so ``--workers N
 --worker I`` (one torchx job of N replicas: ``pipelines/components.py``) shares
 the files out and writes the same bytes as one process: each worker counts its
 files, worker 0 merges the counts into the vocabularies, each encodes its
-files, worker 0 writes ``schema.json``; they meet through files in ``--work``.
+files, worker 0 writes ``schema.json``; they meet through files in ``--work``
+(``WORK/RUN_ID``, which may not overlap the input or the output). Worker 0 removes
+the directories that runs no longer running left in ``--work`` (each worker notes
+its host and pid there) and reports those it cannot vouch for.
 
 Everything is written inside ``atomic_directory``: a failed run leaves nothing,
 a killed one a temporary the next run removes; ``--overwrite`` only replaces a
@@ -30,13 +33,15 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from trainer.atomic_output import atomic_directory
+from trainer.atomic_output import atomic_directory, check_writable, clean_or_report, owner_record, refuse_overlap
 from trainer.cli_help import HelpFormatter
 from trainer.data.dataset_spec import DatasetSpec, load_spec, shipped_names, shipped_spec
 from trainer.data.encoding import BAD_ROW_POLICIES
@@ -189,7 +194,10 @@ def run_worker(config: PreprocessConfig, worker: int, workers: int, work: str, t
     if not 0 <= worker < workers:
         raise UserError(f"--worker must be in [0, {workers}), got {worker}")
     job = job_of(config)
+    _refuse_work_overlap(work, config, job.files)
+    check_writable(work)
     mine = range(worker, len(job.files), workers)
+    _note(work, f"owner-{worker}.json", json.dumps(owner_record()))  # tells a later run whether this one lives
     try:
         for k in mine:
             count_file(job, k, work)
@@ -221,6 +229,40 @@ def run_worker(config: PreprocessConfig, worker: int, workers: int, work: str, t
     except BaseException as e:
         _note(work, f"failed-{worker}.txt", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
         raise
+
+
+def shared_work(config: PreprocessConfig, work: str, run_id: str, worker: int) -> str:
+    """This run's directory ``work/run_id`` in the work directory its workers share (which may
+    not overlap the input or the output); worker 0 first removes what runs no longer running
+    left in ``work`` and reports, with size and how to remove it, what it cannot vouch for."""
+    _refuse_work_overlap(work, config, input_files(resolve_spec(config)))
+    fs, path = filesystem(work)
+    if worker == 0 and fs.isdir(path):
+        for entry in sorted(fs.ls(path, detail=False)):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name == run_id or not fs.isdir(entry):
+                continue
+            owners = sorted(fs.glob(f"{entry.rstrip('/')}/{WORK}/owner-*.json"))
+            records = [_owner(fs, o) for o in owners]
+            clean_or_report(join(work, name), records, f"the work directory of an earlier run {name!r}")
+    return join(work, run_id)
+
+
+def _refuse_work_overlap(work: str, config: PreprocessConfig, files: list[str]) -> None:
+    """A clear error when the work directory is, holds or lies inside an input file or the output."""
+    for other, what in [*((f, "input") for f in files), (config.output, "output")]:
+        try:
+            refuse_overlap(work, other)
+        except UserError:
+            raise UserError(f"--work {work} overlaps the {what} {other}: choose another --work") from None
+
+
+def _owner(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """An owner record a worker noted (``owner_record``), or "unreadable"."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def _note(work: str, name: str, text: str) -> None:
@@ -302,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.run_id:  # a previous run's notes in the work directory would mislead this one's workers
             raise UserError("--workers > 1 needs --run-id: a name fresh to this run, the same for all its workers")
         work = args.work or config.output.rstrip("/") + ".work"
-        schema = run_worker(config, args.worker, args.workers, join(work, args.run_id))
+        schema = run_worker(config, args.worker, args.workers, shared_work(config, work, args.run_id, args.worker))
         fs, path = filesystem(work)
         if schema is not None and fs.exists(path) and not fs.ls(path, detail=False):
             fs.rm(path, recursive=True)  # this run's part is gone: the shared directory too, when empty

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from trainer.atomic_output import atomic_directory
+from trainer.atomic_output import atomic_directory, check_output
 from trainer.collapse.analysis import CollapseReport, analyze_field
 from trainer.collapse.gram import field_gram
 from trainer.data.schema import DatasetSchema, SparseField, read_schema
@@ -156,9 +156,8 @@ def versions() -> dict[str, str]:
 
 def export_artifact(config: ExportConfig) -> dict[str, Any]:
     """Export ``config.checkpoint`` to ``config.output``; returns the model card."""
-    fs, out_path = filesystem(config.output)
-    if fs.exists(out_path) and not config.overwrite:  # before the work, not after
-        raise UserError(f"output already exists: {config.output} (remove it or pass --overwrite)")
+    # before the work, not after: writable, and new or an artifact this tool may replace
+    check_output(config.output, config.overwrite, marker=runtime.MANIFEST, what="exported model")
     started = time.monotonic()
     loaded = load_checkpoint_model(config.checkpoint)
     log.info("loaded %s (step %s) into an unsharded model", loaded.url, loaded.step)

@@ -46,11 +46,14 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import shlex
 import uuid
 import zipfile
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -65,6 +68,8 @@ _INTEGER = re.compile(r"^-?[0-9]{1,18}$")  # as the preprocessor: at most 18 dig
 _NUMBER = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")  # as the preprocessor
 _MASK64 = (1 << 64) - 1
 _CHUNK = 1 << 20
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as ``errors="surrogateescape"`` reads them
+_log = logging.getLogger("predictor")
 
 
 class ArtifactError(Exception):
@@ -366,7 +371,8 @@ class Predictor:
                 if header and header not in (layout.columns, layout.unlabeled):
                     raise ArtifactError(
                         f"{path}:1: header is not the model's layout: expected {layout.delimiter.join(layout.columns)} "
-                        f"(the {layout.label} column optional), got {layout.delimiter.join(header)}"
+                        f"(the {layout.label} column optional), got "
+                        f"{_excerpt(layout.delimiter.join(header).encode('utf-8', 'surrogateescape'), 300)}"
                     )
                 has_label = header == layout.columns if header else bool(labeled)
                 if labeled is not None and header and labeled != has_label:
@@ -400,7 +406,7 @@ class Predictor:
         ``labeled``: whether the rows have the label column (required when the layout has no
         header; see ``read_rows``). An existing output is an error unless ``overwrite``.
         Returns the row count."""
-        output = self.check_output(output_path, overwrite)
+        output = self.check_output(output_path, overwrite, input_path)
         has_label, rows = self.read_rows(input_path, labeled)
 
         def batches() -> Iterator[tuple[torch.Tensor, list[str] | None]]:
@@ -413,13 +419,26 @@ class Predictor:
         finally:
             rows.close()
 
-    def check_output(self, output_path: str | os.PathLike, overwrite: bool) -> Path:
-        """The output path, after checking that it can be written (and may be replaced)."""
+    def check_output(self, output_path: str | os.PathLike, overwrite: bool, input_path: str | os.PathLike | None = None) -> Path:
+        """The output path, after checking that it can be written, is not the input (not even
+        with ``overwrite``) and may be replaced. Temporaries that killed runs left beside it
+        are reported with their size and how to remove them."""
         output = Path(output_path)
         if not output.parent.is_dir():
             raise ArtifactError(f"cannot write {output}: its directory {output.parent} does not exist")
+        if input_path is not None and output.exists() and os.path.exists(input_path) and os.path.samefile(output, input_path):
+            raise ArtifactError(f"output {output} is the input {input_path}: scoring would destroy it; choose another output")
         if output.exists() and not overwrite:
             raise ArtifactError(f"output already exists: {output} (remove it or pass --overwrite)")
+        stale = sorted(output.parent.glob(f".{glob_escape(output.name)}.tmp-*"))
+        if stale:
+            size = sum(p.stat().st_size for p in stale if p.is_file())
+            _log.warning(
+                "%d temporar%s of %s left by a killed run (or one still running), %d bytes: if no run is writing %s, "
+                "remove %s: rm %s",
+                len(stale), "y" if len(stale) == 1 else "ies", output, size, output,
+                "it" if len(stale) == 1 else "them", " ".join(shlex.quote(str(p)) for p in stale),
+            )  # fmt: skip
         return output
 
     def write_scores(self, output: Path, batches: Iterable[tuple[torch.Tensor, list[str] | None]], has_label: bool) -> int:
@@ -446,13 +465,22 @@ class Predictor:
 
 
 def _rows(f: Any, reader: Any, path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
-    """(line number, values) of the rest of ``reader``; closes ``f`` at the end."""
+    """(line number, values) of the rest of ``reader``; closes ``f`` at the end. A row that
+    is not UTF-8 text (``_open_text`` keeps its bytes as surrogates) is an error naming its line."""
     with f:
         try:
             for row in reader:
+                if not "".join(row).isascii() and _NOT_UTF8.search("".join(row)):
+                    text = reader.dialect.delimiter.join(row).encode("utf-8", "surrogateescape")
+                    raise ArtifactError(f"{path}:{reader.line_num}: not UTF-8 text: {_excerpt(text)}")
                 yield reader.line_num, row
         except csv.Error as e:
             raise ArtifactError(f"{path}:{reader.line_num}: {e}") from None
+
+
+def _excerpt(raw: bytes, limit: int = 60) -> str:
+    """``raw`` for a terminal: its first ``limit`` bytes, escaped (no control characters, no raw bytes)."""
+    return repr(raw[:limit])[1:] + (f" ... ({len(raw)} bytes)" if len(raw) > limit else "")
 
 
 def _batches(rows: Iterable[tuple[int, list[str]]], size: int) -> Iterator[tuple[list[int], list[list[str]]]]:
@@ -475,5 +503,5 @@ def _open_text(path: str | os.PathLike):
     if path.endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
+    return open(path, newline="", encoding="utf-8", errors="surrogateescape")
