@@ -1,7 +1,10 @@
 """``make gpu-check`` (tools/gpu_check.py) on a CPU machine: it refuses cleanly, ``--help``
 answers, and ``--dry-run`` lists every step with commands whose ``--set`` keys are the ones
 ``trainer.main --help`` lists (and whose values the config accepts): drift in the config
-breaks this test, not the first run on a GPU node."""
+breaks this test, not the first run on a GPU node. The install step (in process): the
+fbgemm-gpu / torchrec release it pins for the torch found, and its refusals (a torch with no
+known match, a wheel folder without the release, an externally managed Python), and the
+first step's refusal below Python 3.11."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -17,8 +21,9 @@ from tests.helpers import PYTHON, ROOT, run
 from trainer.job_config import load_config
 
 SCRIPT = str(ROOT / "tools" / "gpu_check.py")
-STEPS = ["driver", "torch", "install", "fbgemm", "torchrec", "versions", "trainer imports", "data",
+STEPS = ["python", "driver", "torch", "install", "fbgemm", "torchrec", "versions", "trainer imports", "data",
          "train row_wise", "train table_wise", "train uvm_caching", "resume row_wise", "export", "parity"]
+PINS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ctr"]["accelerator"]
 # one key of trainer.main's help epilog: "  train.epochs (int, default 10): ..."
 KEY = re.compile(r"^  ([a-z_]+\.[a-z_.]+) \(")
 
@@ -125,19 +130,99 @@ def test_the_runs_are_what_the_check_promises(dry_run):
     assert preprocess[1:3] == ["-m", "trainer.data.preprocess"]
     [export] = dry_run["export"]
     assert export[1:3] == ["-m", "trainer.export"] and export[export.index("--checkpoint") + 1] == first["run.dir"]
+    fbgemm, torchrec = dry_run["install"]
+    assert fbgemm[-1] == f"fbgemm-gpu=={PINS['torchrec']}" and "-c" in fbgemm
+    assert torchrec[-1] == f"torchrec=={PINS['torchrec']}" and "--no-deps" in torchrec
     install = dry_run["install"]
-    assert all("--no-index" in cmd for cmd in install) and any("--no-deps" in cmd and "torchrec" in cmd for cmd in install)
+    assert all("--no-index" in cmd for cmd in install)
     assert not any(token.startswith("torch==") or token == "torch" for cmd in install for token in cmd), "never reinstall torch"
 
 
-def test_pins_read_with_tomllib_are_the_set_up_scripts():
+@pytest.fixture(scope="module")
+def gpu_check():
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return gpu_check
+
+
+def test_pins_read_with_tomllib_are_the_set_up_scripts(gpu_check):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
         import setup_env
     finally:
         sys.path.remove(str(ROOT / "tools"))
     assert gpu_check.read_pins() == setup_env.read_accelerator_pins()
+
+
+def test_install_pins_the_fbgemm_and_torchrec_release_matching_the_torch_found(gpu_check, tmp_path):
+    torch_minor = ".".join(PINS["torch"].split(".")[:2])
+    for found in (PINS["torch"], f"{torch_minor}.7+cu130"):  # any build of the pinned major.minor
+        assert gpu_check.matching_release(found) == PINS["torchrec"]
+    fbgemm, torchrec = gpu_check.install_commands("/w", PINS["torchrec"], tmp_path / "c.txt")
+    assert fbgemm[-3:] == ["-c", str(tmp_path / "c.txt"), f"fbgemm-gpu=={PINS['torchrec']}"], fbgemm
+    assert torchrec[-2:] == ["--no-deps", f"torchrec=={PINS['torchrec']}"], torchrec
+    for cmd in (fbgemm, torchrec):
+        assert cmd[:3] == [sys.executable, "-m", "pip"] and "--no-index" in cmd
+        assert cmd[cmd.index("--find-links") + 1] == "/w"
+
+
+@pytest.mark.parametrize("found", ["2.12.1", "3.13.0+cu130", "2.1.3"])
+def test_a_torch_with_no_known_fbgemm_match_is_refused(gpu_check, found):
+    with pytest.raises(gpu_check.Failed) as info:
+        gpu_check.matching_release(found)
+    message = str(info.value)
+    assert f"torch {found}: no fbgemm-gpu / torchrec release is known to match" in message
+    assert f"pairs torch {'.'.join(PINS['torch'].split('.')[:2])} with {PINS['torchrec']}" in message
+
+
+def test_the_wheel_folder_must_hold_the_matching_release(gpu_check, tmp_path):
+    release = PINS["torchrec"]
+    for name in ("fbgemm_gpu-1.0.0-cp311-cp311-manylinux_2_28_x86_64.whl",  # another release
+                 f"fbgemm_gpu_cpu-{release}-cp311-cp311-manylinux_2_28_x86_64.whl",  # the CPU build
+                 f"torchrec-{release}-py3-none-any.whl"):
+        (tmp_path / name).touch()
+    with pytest.raises(gpu_check.Failed) as info:
+        gpu_check.check_wheels(tmp_path, release)
+    message = str(info.value)
+    assert f"has no fbgemm_gpu-{release}-*.whl (found:" in message and "torchrec-" not in message.split("(found")[0]
+    assert f"pip download --no-deps -d {tmp_path} fbgemm-gpu=={release} torchrec=={release}" in message
+    (tmp_path / f"fbgemm_gpu-{release}+cu130-cp311-cp311-manylinux_2_28_x86_64.whl").touch()  # PyTorch's index
+    gpu_check.check_wheels(tmp_path, release)
+    (tmp_path / f"torchrec-{release}-py3-none-any.whl").unlink()
+    with pytest.raises(gpu_check.Failed, match=rf"has no torchrec-{re.escape(release)}-\*\.whl"):
+        gpu_check.check_wheels(tmp_path, release)
+
+
+def test_install_step_refuses_before_pip_runs(gpu_check, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(gpu_check, "importable", lambda *modules: "ModuleNotFoundError: No module named 'torchrec'")
+    monkeypatch.setattr(gpu_check, "sh", lambda *a, **k: pytest.fail("pip must not run"))
+    monkeypatch.setattr(torch, "__version__", "2.12.0+cu128")
+    with pytest.raises(gpu_check.Failed, match=r"torch 2\.12\.0\+cu128: no fbgemm-gpu / torchrec release"):
+        gpu_check.step_install(str(tmp_path), tmp_path)
+    monkeypatch.setattr(torch, "__version__", PINS["torch"])
+    with pytest.raises(gpu_check.Failed, match=r"has no fbgemm_gpu-.* and no torchrec-"):  # an empty folder
+        gpu_check.step_install(str(tmp_path), tmp_path)
+    for name in (f"fbgemm_gpu-{PINS['torchrec']}-cp311-cp311-linux_x86_64.whl", f"torchrec-{PINS['torchrec']}-py3-none-any.whl"):
+        (tmp_path / name).touch()
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "stdlib" / "EXTERNALLY-MANAGED").touch()  # PEP 668's marker, outside a virtual environment
+    monkeypatch.setattr(gpu_check.sysconfig, "get_path", lambda name: str(tmp_path / "stdlib"))
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)
+    with pytest.raises(gpu_check.Failed, match=r"externally managed .*\(python3 -m venv --system-site-packages VENV\)"):
+        gpu_check.step_install(str(tmp_path), tmp_path)
+
+
+def test_below_python_3_11_the_first_step_fails_cleanly(gpu_check, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    assert gpu_check.main(["--dry-run", "--workdir", str(tmp_path / "w")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("[FAIL] python: Python 3.10.14 is older than 3.11"), out
+    assert "[step]" not in out and not (tmp_path / "w").exists()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
@@ -150,3 +235,8 @@ def test_make_target_uses_the_venv_or_the_given_python():
 
     assert ".venv/bin/python tools/gpu_check.py" in dry()
     assert "python3 tools/gpu_check.py --wheels /opt/wheels" in dry("PYTHON=python3", "WHEELS=/opt/wheels")
+
+
+def test_readme_fetches_the_wheels_the_install_step_wants():
+    release = PINS["torchrec"]
+    assert f"pip download --no-deps -d wheels fbgemm-gpu=={release} torchrec=={release}\n" in (ROOT / "README.md").read_text()

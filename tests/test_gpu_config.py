@@ -126,6 +126,52 @@ def test_hbm_cap_too_small_for_fused_but_enough_for_the_cache():
     assert "20000 bytes of HBM and 1000000000 bytes of DDR" in message and "hbm_cap_bytes" in message
 
 
+def row_shards(param) -> list[tuple[int, int, str]]:
+    """(rank, rows, device) of each shard of a row-split table, in row order; checks that the
+    shards tile the table: contiguous rows, every column."""
+    shards = sorted(param.sharding_spec.shards, key=lambda s: s.shard_offsets[0])
+    assert all(s.shard_offsets[1] == 0 for s in shards), shards
+    ends = [s.shard_offsets[0] + s.shard_sizes[0] for s in shards]
+    assert [s.shard_offsets[0] for s in shards] == [0, *ends[:-1]], shards
+    return [(s.placement.rank(), s.shard_sizes[0], str(s.placement.device())) for s in shards]
+
+
+def test_row_wise_splits_every_table_by_rows_across_all_ranks():
+    model = build()
+    cardinality = {t.table: t.cardinality for t in model.sparse_arch.tables}
+    by_table = placements(model, ShardingConfig(sharding_types=("row_wise",)), world_size=4)
+    assert set(by_table) == set(cardinality)
+    for table, p in by_table.items():
+        assert p.sharding_type == "row_wise" and p.ranks == [0, 1, 2, 3], (table, p)
+        shards = row_shards(p)
+        assert [rank for rank, _, _ in shards] == [0, 1, 2, 3]
+        assert sum(rows for _, rows, _ in shards) == cardinality[table]
+        assert [device for _, _, device in shards] == [f"cuda:{r}" for r in range(4)]
+
+
+def test_table_row_wise_keeps_each_table_within_one_host():
+    """2 hosts of 2 GPUs: a table's rows are split over the ranks of one host (its all-to-all
+    stays on the host's NVLink), and the tables are spread over both hosts."""
+    model = build()
+    cardinality = {t.table: t.cardinality for t in model.sparse_arch.tables}
+    config = ShardingConfig(sharding_types=("table_row_wise",))
+    by_table = plan_sharding(model, config, 4, CUDA, local_world_size=2).plan["sparse_arch.embedding_bag_collection"]
+    assert set(by_table) == set(cardinality)
+    hosts = set()
+    for table, p in by_table.items():
+        assert p.sharding_type == "table_row_wise", (table, p)
+        shards = row_shards(p)
+        ranks = [rank for rank, _, _ in shards]
+        assert sorted(ranks) == p.ranks and len(ranks) == 2 and len({r // 2 for r in ranks}) == 1, (table, ranks)
+        assert sum(rows for _, rows, _ in shards) == cardinality[table]
+        assert [device for _, _, device in shards] == [f"cuda:{r % 2}" for r in ranks]  # the device index on its host
+        hosts.add(ranks[0] // 2)
+    assert hosts == {0, 1}
+    # one host of 4: the same config splits each table over all four ranks
+    one_host = placements(model, config, world_size=4)
+    assert all(p.ranks == [0, 1, 2, 3] for p in one_host.values())
+
+
 def test_fp16_tables_take_half_the_planned_memory():
     cap = ShardingConfig(compute_kernel="fused", hbm_cap_bytes=9_000_000)  # fp32 needs ~12.3 MB, fp16 ~6.3 MB
     with pytest.raises(UserError, match="9600000 bytes of fp32 weights"):

@@ -1,14 +1,18 @@
-"""Packaging: the extras `cpu` / `cuda` name the pinned stack of [tool.ctr.accelerator], the
-console scripts answer like their `python -m` forms, and `trainer` in .venv is ours."""
+"""Packaging: the extras `cpu` / `cuda` name the pinned stack of [tool.ctr.accelerator] (and
+uv's tables keep them apart), pip resolves each as README "Install" prints it, the console
+scripts answer like their `python -m` forms, and `trainer` in .venv is ours."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -53,6 +57,25 @@ def test_accelerator_extras_name_the_pinned_triple():
     others = [r for name, reqs in EXTRAS.items() if name not in ("cpu", "cuda") for r in reqs]
     others += PYPROJECT["project"]["dependencies"]
     assert not [r for r in others if re.match(r"(torch|torchrec|fbgemm[-_]gpu\S*)\s*(==|>=|~=|<|$)", r)], others
+
+
+def readme_cpu_install() -> list[str]:
+    """README "Install"'s pip command for the cpu extra, as tokens."""
+    [line] = re.findall(r'^ *(pip install "\.\[cpu\]".*)$', (ROOT / "README.md").read_text(), re.M)
+    return shlex.split(line)
+
+
+def test_uv_keeps_the_extras_apart_and_takes_the_cpu_torch_from_the_readme_index():
+    """`uv sync --extra cpu|cuda`: the extras conflict (one build of the stack), and the cpu
+    extra's torch comes from the CPU index README's pip command names, explicit (only the
+    packages routed there are looked up there)."""
+    uv = PYPROJECT["tool"]["uv"]
+    assert uv["conflicts"] == [[{"extra": "cpu"}, {"extra": "cuda"}]]
+    indexes = {index["name"]: index for index in uv["index"]}
+    assert uv["sources"] == {"torch": [{"index": "pytorch-cpu", "extra": "cpu"}]}
+    assert "torch" in _pins(EXTRAS["cpu"]) and indexes["pytorch-cpu"]["explicit"] is True
+    cmd = readme_cpu_install()
+    assert indexes["pytorch-cpu"]["url"] == cmd[cmd.index("--extra-index-url") + 1]
 
 
 def test_setup_env_installs_what_the_extras_name():
@@ -109,8 +132,17 @@ def test_no_other_distribution_provides_the_trainer_package():
 
 
 def _dry_run(*args: str) -> dict[str, str]:
-    cmd = [PYTHON, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report", "-", *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """What ``pip install ARGS`` would install, resolved as a user's pip would: without this
+    machine's pip configuration (its local wheel folders and indexes)."""
+    for url in ["https://pypi.org/simple/", *(args[i + 1] for i, a in enumerate(args) if a == "--extra-index-url")]:
+        try:
+            urllib.request.urlopen(url, timeout=10).close()
+        except OSError as e:
+            pytest.skip(f"{url} is not reachable from here: {e}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    cmd = [PYTHON, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--retries", "1", "--report", "-",
+           *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if result.returncode != 0 and re.search(r"NewConnectionError|Could not fetch URL|No matching distribution", result.stderr):
         pytest.skip(f"no package index reachable: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
@@ -121,9 +153,23 @@ def _dry_run(*args: str) -> dict[str, str]:
 @pytest.mark.slow  # resolves against the package index (network, about a minute)
 def test_pip_resolves_the_cuda_extra_to_one_coherent_stack():
     """`pip install ".[cuda]"` as a user runs it: torch, fbgemm-gpu and torchrec of the pinned
-    triple, never fbgemm-gpu-cpu beside them. (The cpu extra is what `make setup` installs on
-    every CI run, so it is exercised for real there.)"""
+    triple, never fbgemm-gpu-cpu beside them."""
     resolved = _dry_run(".[cuda]")
     assert resolved["torch"].split("+")[0] == PINS["torch"]
     assert resolved["fbgemm-gpu"] == PINS["torchrec"] and "fbgemm-gpu-cpu" not in resolved, resolved
     assert resolved["torchrec"] == PINS["torchrec"]
+    assert any(name.startswith("nvidia-") for name in resolved), "not the CUDA torch: no CUDA libraries"
+
+
+@pytest.mark.slow  # resolves against PyPI and PyTorch's CPU index (network, about a minute)
+def test_pip_resolves_the_cpu_extra_as_readme_prints_it():
+    """README "Install"'s command for the cpu extra: torch's CPU build from PyTorch's index and
+    fbgemm-gpu-cpu, never the CUDA fbgemm-gpu, torchrec (installed next, without its
+    dependencies) or a CUDA library."""
+    cmd = readme_cpu_install()
+    assert cmd[:2] == ["pip", "install"], cmd
+    resolved = _dry_run(*cmd[2:])
+    assert resolved["torch"] == f"{PINS['torch']}+cpu", resolved
+    assert resolved["fbgemm-gpu-cpu"] == PINS["torchrec"]
+    assert not {"fbgemm-gpu", "torchrec"} & set(resolved), resolved
+    assert not [name for name in resolved if name.startswith("nvidia-")], resolved

@@ -235,6 +235,12 @@ COMMANDS: dict[str, Run | NotHere] = {
         "needs two nodes with 8 GPUs each; tests/test_multinode.py runs the same two-agent c10d line on loopback "
         "(--nnodes 2 --nproc-per-node 1) and compares it with the 1x2 run"),
     # -- GPU clusters
+    "pip download --no-deps -d wheels fbgemm-gpu==1.8.0 torchrec==1.8.0": NotHere(
+        "downloads the CUDA fbgemm-gpu wheel (hundreds of MB); tests/test_packaging.py resolves these two pins from "
+        "the index (the cuda extra) and tests/test_gpu_check.py checks that the install step wants exactly them"),
+    "make gpu-check PYTHON=python3 WHEELS=wheels": NotHere(
+        "needs a CUDA GPU; tests/test_gpu_check.py checks the make target's PYTHON/WHEELS and the install step's "
+        "commands and refusals"),
     "make gpu-check": NotHere("needs a CUDA GPU; tests/test_gpu_check.py checks that it refuses cleanly here"),
     "make gpu-check GPU_CHECK_ARGS=--dry-run": Run(),
     # -- Kubernetes
@@ -258,6 +264,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     ".venv/bin/python -m bench.bench_loader": Run("20k rows, not 2M", append="--rows 20000"),
     ".venv/bin/python -m bench.bench_preprocess": Run("20k rows, not 1M and 5M", append="--rows 20000"),
     ".venv/bin/python -m bench.bench_dataset_spec": Run("20k rows, not 1M and 2M", append="--rows 20000"),
+    ".venv/bin/python -m bench.bench_vocabulary": Run("20k tokens and rows, not up to 5M and 7M", append="--tokens 20000 --rows 20000"),
     ".venv/bin/python -m bench.bench_synthetic": Run("20k rows, not 1M", append="--rows 20000"),
     ".venv/bin/python -m bench.bench_train --models dcnv2 --modes se me --scales 1 4 10 --threads 1": NotHere(
         "the Criteo-sized grid takes minutes; tests/test_bench_train.py runs the same CLI at a tiny size beside "

@@ -6,9 +6,12 @@ trained with fused Adam under row-wise sharding, table-wise sharding and UVM cac
 (``torchrun`` with one process), a resume of the row-wise run with more steps, an export
 of its CUDA checkpoint and the export's parity with the trainer's own test predictions.
 
-It uses the torch it finds (never reinstalls it). fbgemm-gpu and torchrec are used as
-installed, or, when they do not import, installed from ``--wheels DIR`` (``pip install
---no-index --find-links DIR``; torchrec with ``--no-deps``; torch held at its version).
+It needs Python >= 3.11 (``tomllib`` reads the pins of pyproject.toml). It uses the torch
+it finds (never reinstalls it). fbgemm-gpu and torchrec are used as installed, or, when they
+do not import, the release matching that torch's major.minor (the pinned triple of
+pyproject.toml's ``[tool.ctr.accelerator]``; any other torch fails) is installed from the
+wheels in ``--wheels DIR`` (``pip install --no-index --find-links DIR``; torchrec with
+``--no-deps``; torch held at its version).
 Every step prints ``[ok] STEP`` or ``[FAIL] STEP: reason``; the first failure ends the
 check with exit 1. Without a GPU it refuses with exit 2; ``--dry-run`` prints the steps and
 commands without running anything (on any machine).
@@ -25,9 +28,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
+import sysconfig
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the trainer's dependencies are checked by the steps first
+    from trainer.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = ".gpu-check"  # the work directory is ours to wipe only when it carries this
@@ -116,16 +123,35 @@ def sh(cmd: list[str], timeout: float, log: Path | None = None) -> subprocess.Co
 
 
 def read_pins() -> dict[str, str]:
-    """``[tool.ctr.accelerator]`` of pyproject.toml."""
-    text = (ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the set-up script's reader
-        sys.path.insert(0, str(ROOT / "tools"))
-        from setup_env import read_accelerator_pins
+    """``[tool.ctr.accelerator]`` of pyproject.toml (step ``python`` has checked for tomllib)."""
+    import tomllib
 
-        return read_accelerator_pins()
-    return tomllib.loads(text)["tool"]["ctr"]["accelerator"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ctr"]["accelerator"]
+
+
+def step_python() -> str:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info < (3, 11):
+        raise Failed(f"Python {version} is older than 3.11, the project's requires-python (tomllib reads "
+                     "pyproject.toml): run with a newer python (make gpu-check PYTHON=python3.11)")
+    pins = read_pins()
+    return f"Python {version}; the pinned triple is torch {pins['torch']}, fbgemm-gpu and torchrec {pins['torchrec']}"
+
+
+def major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def matching_release(torch_version: str) -> str:
+    """The fbgemm-gpu / torchrec release built and tested with ``torch_version`` (its
+    major.minor): the pinned triple's. Raises Failed for any other torch."""
+    pins = read_pins()
+    if major_minor(torch_version) != major_minor(pins["torch"]):
+        raise Failed(f"torch {torch_version}: no fbgemm-gpu / torchrec release is known to match torch "
+                     f"{major_minor(torch_version)} (pyproject.toml [tool.ctr.accelerator] pairs torch "
+                     f"{major_minor(pins['torch'])} with {pins['torchrec']}): use an image with torch "
+                     f"{major_minor(pins['torch'])}, or move the pinned triple")
+    return pins["torchrec"]
 
 
 def nvidia_smi() -> tuple[str | None, str]:
@@ -198,12 +224,7 @@ def importable(*modules: str) -> str | None:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
-def step_install(wheels: str | None, dry_run: bool = False) -> str:
-    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index"]
-    if dry_run:
-        for cmd in install_commands(pip, wheels or "DIR", "TORCH_VERSION"):
-            print("  $", shlex.join(cmd))
-        return "(when fbgemm_gpu or torchrec does not import and --wheels DIR is given)"
+def step_install(wheels: str | None, work: Path) -> str:
     problem = importable("fbgemm_gpu", "torchrec")
     if problem is None:
         return "fbgemm_gpu and torchrec import: nothing to install"
@@ -213,24 +234,47 @@ def step_install(wheels: str | None, dry_run: bool = False) -> str:
         raise Failed(f"--wheels {wheels}: not a directory")
     import torch
 
-    for cmd in install_commands(pip, wheels, torch.__version__):
+    release = matching_release(torch.__version__)
+    check_wheels(Path(wheels), release)
+    marker = Path(sysconfig.get_path("stdlib")) / "EXTERNALLY-MANAGED"
+    if sys.prefix == sys.base_prefix and marker.exists():  # PEP 668: pip would refuse to install here
+        raise Failed(f"{sys.executable} is externally managed ({marker}): pip installs nothing into it; make a "
+                     "virtual environment that sees its torch (python3 -m venv --system-site-packages VENV) and "
+                     "run with PYTHON=VENV/bin/python")
+    constraints = work / CONSTRAINTS
+    constraints.write_text(f"torch=={torch.__version__}\n")
+    for cmd in install_commands(wheels, release, constraints):
         sh(cmd, timeout=600)
     importlib.invalidate_caches()
     problem = importable("fbgemm_gpu", "torchrec")
     if problem is not None:
         raise Failed(f"installed from {wheels}, yet they do not import: {problem}")
-    return f"fbgemm-gpu and torchrec installed from {wheels}"
+    return f"fbgemm-gpu and torchrec {release} (matching torch {torch.__version__}) installed from {wheels}"
 
 
-def install_commands(pip: list[str], wheels: str, torch_version: str) -> list[list[str]]:
-    # a constraint holding torch where it is: pip refuses rather than replace the image's torch
-    constraints = Path(tempfile.gettempdir()) / "gpu-check-constraints.txt"
-    if torch_version != "TORCH_VERSION":
-        constraints.write_text(f"torch=={torch_version}\n")
+CONSTRAINTS = "torch-constraint.txt"  # in the work directory: torch==THE_VERSION_FOUND
+
+
+def install_commands(wheels: str, release: str, constraints: Path) -> list[list[str]]:
+    """The pip commands installing fbgemm-gpu and torchrec ``release`` from ``wheels`` only;
+    ``constraints`` holds torch where it is (pip refuses rather than replace the image's torch)."""
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--find-links", wheels]
     return [
-        [*pip, "--find-links", wheels, "-c", str(constraints), "fbgemm-gpu"],
-        [*pip, "--find-links", wheels, "--no-deps", "torchrec"],
+        [*pip, "-c", str(constraints), f"fbgemm-gpu=={release}"],
+        [*pip, "--no-deps", f"torchrec=={release}"],
     ]
+
+
+def check_wheels(wheels: Path, release: str) -> None:
+    """Raise Failed unless ``wheels`` holds a fbgemm-gpu and a torchrec wheel of ``release``."""
+    names = sorted(p.name for p in wheels.glob("*.whl"))
+    missing = [dist for dist in ("fbgemm_gpu", "torchrec")
+               if not any(re.match(rf"{dist}-{re.escape(release)}(\+[^-]+)?-", name) for name in names)]
+    if missing:
+        found = [n for n in names if n.startswith(("fbgemm", "torchrec"))]
+        raise Failed(f"{wheels} has no {' and no '.join(f'{d}-{release}-*.whl' for d in missing)} (found: "
+                     f"{', '.join(found) or 'none of either'}); gather them on a machine with network: pip download "
+                     f"--no-deps -d {wheels} fbgemm-gpu=={release} torchrec=={release} (README \"GPU clusters\")")
 
 
 def distributions() -> dict[str, str]:
@@ -338,11 +382,20 @@ def export_command(work: Path) -> list[str]:
             "--output", str(work / "artifact")]
 
 
+def run_of(work: Path, name: str) -> RunDir:
+    from trainer.run_dir import RunDir
+
+    return RunDir(str(work / "runs" / name))
+
+
 def run_summary(work: Path, name: str) -> dict:
-    path = work / "runs" / name / "summary.json"
-    if not path.exists():
-        raise Failed(f"no {path}")
-    return json.loads(path.read_text())
+    from trainer.run_dir import SUMMARY
+
+    run = run_of(work, name)
+    summary = run.read_summary()
+    if summary is None:
+        raise Failed(f"{run.file(SUMMARY)} is missing or not a finished run's summary")
+    return summary
 
 
 def step_train(work: Path, name: str) -> str:
@@ -356,9 +409,11 @@ def step_train(work: Path, name: str) -> str:
 
 
 def step_resume(work: Path) -> str:
-    run_dir = work / "runs" / RESUMED
+    from trainer.checkpoint import checkpoint_name
+    from trainer.storage import join
+
     proc = sh(train_command(work, RESUMED, RESUMED_STEPS), timeout=240, log=work / "logs" / f"{RESUMED}-resumed.log")
-    expected = f"resumed from {run_dir}/checkpoints/step-{FIRST_STEPS:08d}"
+    expected = f"resumed from {join(run_of(work, RESUMED).checkpoints, checkpoint_name(FIRST_STEPS))}"
     if expected not in proc.stderr + proc.stdout:
         raise Failed(f"the second invocation did not log {expected!r}: it restarted instead of resuming")
     s = run_summary(work, RESUMED)
@@ -382,8 +437,9 @@ def step_parity(work: Path) -> str:
 
     from trainer.data.splits import TEST, assign_splits
     from trainer.export.runtime import Predictor
+    from trainer.run_dir import TEST_PREDICTIONS
 
-    table = pq.read_table(work / "runs" / RESUMED / "test_predictions.parquet")
+    table = pq.read_table(run_of(work, RESUMED).file(TEST_PREDICTIONS))
     logits = table["logit"].to_numpy().astype(np.float64)
     reference, labels = 1.0 / (1.0 + np.exp(-logits)), table["label"].to_numpy()
     lines = (work / "raw.tsv").read_text().splitlines()
@@ -404,9 +460,11 @@ def step_parity(work: Path) -> str:
 
 
 WHAT = {  # step -> what it checks (printed by --dry-run)
+    "python": "Python >= 3.11 (tomllib reads the pinned triple of pyproject.toml [tool.ctr.accelerator])",
     "driver": "the NVIDIA driver version and the GPUs, from nvidia-smi",
     "torch": "torch is a CUDA build, sees the GPU, and a tensor op runs on it",
-    "install": "fbgemm-gpu and torchrec import, else installed from --wheels DIR (torch is never reinstalled)",
+    "install": "fbgemm-gpu and torchrec import, else the release matching the torch found is installed from "
+               "--wheels DIR (torch is never reinstalled; a torch with no known match fails)",
     "fbgemm": "fbgemm_gpu's CUDA ops load (torch.ops.fbgemm); a TBE with fused Adam runs in HBM and with UVM caching",
     "torchrec": "torchrec imports (and its distributed model parallel)",
     "versions": "the torch / fbgemm-gpu / torchrec in use, warned when not the pinned triple of pyproject.toml",
@@ -422,12 +480,16 @@ WHAT = {  # step -> what it checks (printed by --dry-run)
 }
 
 
-def steps(args: argparse.Namespace, work: Path) -> list[tuple[str, list[list[str]], object]]:
-    """(step, the commands it runs (for --dry-run), the function that runs it)."""
+def steps(args: argparse.Namespace, work: Path, python: str) -> list[tuple[str, list[list[str]], object]]:
+    """(step, the commands it runs (for --dry-run), the function that runs it); ``python`` is
+    what step ``python`` found (it runs before the others are planned: they read the pins)."""
+    release = read_pins()["torchrec"]  # the release for the pinned torch; the install step matches the torch found
     out = [
+        ("python", [], lambda: python),
         ("driver", [["nvidia-smi", "--query-gpu=driver_version,name,memory.total", "--format=csv,noheader"]], step_driver),
         ("torch", [], step_torch),
-        ("install", [], lambda: step_install(args.wheels)),
+        ("install", install_commands(args.wheels or "DIR", release, work / CONSTRAINTS),
+         lambda: step_install(args.wheels, work)),
         ("fbgemm", [], step_fbgemm),
         ("torchrec", [], step_torchrec),
         ("versions", [], step_versions),
@@ -478,13 +540,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.workdir).resolve()
-    plan = steps(args, work)
+    try:
+        python = step_python()
+    except Failed as e:
+        print(f"[FAIL] python: {e}", flush=True)
+        return 1
+    plan = steps(args, work, python)
     if args.dry_run:
         print(f"gpu-check --dry-run: {len(plan)} steps, python {sys.executable}, work directory {work}")
         for name, commands, _ in plan:
             print(f"[step] {name}: {WHAT.get(name, '')}")
-            if name == "install":
-                step_install(args.wheels, dry_run=True)
             for cmd in commands:
                 print("  $", shlex.join(cmd))
         return 0
