@@ -187,13 +187,18 @@ def test_summary_is_strict_json_with_null_and_a_reason_for_undefined_metrics(sin
 def test_resumed_run_logs_each_step_once(tiny_dataset, tmp_path):
     """Killed after step 11 of 19 (train records up to step 10 and collapse records at 5 and 10
     written, the latest checkpoint is step 8), then resumed: the crashed attempt's records after
-    step 8 are dropped, not repeated."""
+    step 8 are dropped, not repeated. A resume with another embedding optimizer is refused first."""
     run_dir = tmp_path / "run"
     args = [f"data.path={tiny_dataset}", f"run.dir={run_dir}", "train.epochs=1", "train.checkpoint_every_steps=4",
             "monitoring.collapse_every_steps=5"]  # fmt: skip
     crashed = train(*args, CTR_FAIL_AT_STEP="11", CTR_FAIL_RANK="0")
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert max(r["step"] for r in metrics(run_dir)) == 10, "the crash must leave records after the checkpoint"
+    # the checkpoint's optimizer state belongs to its embedding optimizer: another one is refused, nothing written
+    before = metrics(run_dir)
+    user_error(train(*args, "optim.embedding=adagrad", resume="auto"), "optim.embedding=rowwise_adagrad",
+               "optim.embedding=adagrad", "step-00000008")  # fmt: skip
+    assert metrics(run_dir) == before
 
     proc = ok(train(*args, resume="auto"))
     assert f"resumed from {run_dir}/checkpoints/step-00000008" in proc.stderr

@@ -241,6 +241,7 @@ class Trainer:
         meta = {
             "progress": dataclasses.asdict(self.progress),
             "identity": self.identity,
+            "embedding_optimizer": self.config.optim.embedding,
             "dataset": dataset_record(self.config.data.path, self.schema),
         }
         url = dcp_io.save(self.run_dir.checkpoints, self.progress.step, self._state(), meta)
@@ -306,6 +307,13 @@ class Trainer:
             raise UserError(
                 f"checkpoint {url} was written for another model or dataset:\n"
                 f"  checkpoint: {_describe(meta.get('identity'))}\n  this job:   {_describe(self.identity)}"
+            )
+        saved_optimizer = meta.get("embedding_optimizer")  # absent from checkpoints written before it was recorded
+        if saved_optimizer and saved_optimizer != self.config.optim.embedding:
+            raise UserError(
+                f"checkpoint {url} was trained with optim.embedding={saved_optimizer} and this job has "
+                f"optim.embedding={self.config.optim.embedding}: the embedding optimizer's state cannot carry over. "
+                f"Resume with optim.embedding={saved_optimizer}, or train into a new run.dir"
             )
         self.optimizer.init_state()  # optimizer state is lazy: create it so DCP can load into it
         state = self._state()
