@@ -383,3 +383,27 @@ def test_every_model_beats_logistic_regression_on_planted_interactions(planted, 
     assert planted["lr_auc"] > 0.65  # a working baseline, well below the oracle
     print(f"{name}: test AUC {model_auc:.4f}, LR {planted['lr_auc']:.4f}, oracle {planted['oracle_auc']:.4f}")
     assert planted["lr_auc"] + 0.005 < model_auc < planted["oracle_auc"], (name, model_auc, planted["lr_auc"])
+
+
+def test_a_checkpoint_identity_from_before_nfwfm_pairs_builds_the_upper_pairs_it_trained():
+    """Checkpoints written before ``model.nfwfm_pairs`` existed trained NFwFM on i < j pairs;
+    export and the collapse monitor rebuild that model, not today's default (all pairs)."""
+    import dataclasses
+
+    from trainer.export.trained_model import build_model
+
+    config = ModelConfig(name="nfwfm", hidden=8)
+    identity = {
+        "model": {k: v for k, v in dataclasses.asdict(config).items() if k != "nfwfm_pairs"},
+        "embedding": dataclasses.asdict(EmbeddingConfig(mode="se", scale=1, base_dim=4)),
+        "fields": [["a", 5], ["b", 6], ["c", 7]],
+    }
+    masks = {}
+    for pairs in (None, "all"):
+        if pairs:
+            identity["model"]["nfwfm_pairs"] = pairs
+        model = build_model(identity, "ckpt")
+        (mask,) = [b for name, b in model.named_buffers() if name.endswith("pair_mask")]
+        masks[pairs] = mask
+    assert torch.equal(masks[None], torch.ones(3, 3, dtype=torch.bool).triu(1))
+    assert bool(masks["all"].all())

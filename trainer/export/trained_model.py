@@ -61,7 +61,8 @@ def build_model(identity: dict[str, Any], where: str) -> MultiEmbeddingCTR:
     try:
         pooling = identity.get("pooling", {})  # fields pooled otherwise than by sum (multi-hot, mean)
         fields = [SparseField(str(name), int(card), pooling=str(pooling.get(name, "sum"))) for name, card in identity["fields"]]
-        model_config = ModelConfig(**identity["model"])
+        # checkpoints written before model.nfwfm_pairs existed trained NFwFM on the i < j pairs
+        model_config = ModelConfig(**{"nfwfm_pairs": "upper", **identity["model"]})
         embedding = EmbeddingConfig(**identity["embedding"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {where}: its meta.json does not describe a model this code builds ({type(e).__name__}: {e})") from None
