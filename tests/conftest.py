@@ -30,24 +30,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the package-index dry runs of the selected tests of ``tests/test_packaging.py`` in
-    the background: they wait on downloads for about a minute, the rest of the suite runs meanwhile."""
-    selected = {item.name for item in session.items if item.nodeid.startswith("tests/test_packaging.py::")}
-    if not selected:
-        return
-    from tests.test_packaging import background_dry_runs, start_dry_run
-
-    for name, args in background_dry_runs().items():
-        if name in selected:
-            start_dry_run(*args)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    import sys
-
-    packaging = sys.modules.get("tests.test_packaging")
-    if packaging is not None:
-        packaging.stop_dry_runs()

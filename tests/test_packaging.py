@@ -11,11 +11,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import tomllib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
@@ -133,69 +131,30 @@ def test_no_other_distribution_provides_the_trainer_package():
     assert found["file"].startswith(str(ROOT / "trainer")), found["file"]
 
 
-# pip args -> (the running pip, its stdout and stderr files), or why it cannot run
-_DRY_RUNS: dict[tuple[str, ...], tuple[subprocess.Popen, Any, Any] | str] = {}
-
-
-def start_dry_run(*args: str) -> None:
-    """Start ``pip install --dry-run ARGS`` in the background, once, resolved as a user's pip
-    would: without this machine's pip configuration (its local wheel folders and indexes).
-    It mostly waits on downloads (about a minute), so ``tests/conftest.py`` starts the dry runs
-    of the selected tests when collection ends and the rest of the suite runs meanwhile."""
-    if args in _DRY_RUNS:
-        return
+def _dry_run(*args: str) -> dict[str, str]:
+    """What ``pip install ARGS`` would install, resolved as a user's pip would: without this
+    machine's pip configuration (its local wheel folders and indexes)."""
     for url in ["https://pypi.org/simple/", *(args[i + 1] for i, a in enumerate(args) if a == "--extra-index-url")]:
         try:
             urllib.request.urlopen(url, timeout=10).close()
         except OSError as e:
-            _DRY_RUNS[args] = f"{url} is not reachable from here: {e}"
-            return
+            pytest.skip(f"{url} is not reachable from here: {e}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
     cmd = [PYTHON, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--retries", "1", "--report", "-",
-           *args]  # fmt: skip
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files, not pipes: a full pipe would stall pip
-    _DRY_RUNS[args] = (subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env), out, err)
-
-
-def stop_dry_runs() -> None:
-    """Kill the dry runs still running (a session that ends before their tests)."""
-    for started in _DRY_RUNS.values():
-        if not isinstance(started, str) and started[0].poll() is None:
-            started[0].kill()
-            started[0].wait()
-
-
-def _dry_run(*args: str) -> dict[str, str]:
-    """What ``pip install ARGS`` would install: ``{name: version}``."""
-    start_dry_run(*args)
-    started = _DRY_RUNS[args]
-    if isinstance(started, str):
-        pytest.skip(started)
-    proc, out, err = started
-    proc.wait(timeout=600)
-    out.seek(0)
-    err.seek(0)
-    stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0 and re.search(r"NewConnectionError|Could not fetch URL|No matching distribution", stderr):
-        pytest.skip(f"no package index reachable: {stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, stderr
-    report = json.loads(stdout)
+           *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode != 0 and re.search(r"NewConnectionError|Could not fetch URL|No matching distribution", result.stderr):
+        pytest.skip(f"no package index reachable: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
     return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in report["install"]}
-
-
-def background_dry_runs() -> dict[str, tuple[str, ...]]:
-    """The tests below that resolve against a package index -> their pip arguments."""
-    return {
-        "test_pip_resolves_the_cuda_extra_to_one_coherent_stack": (".[cuda]",),
-        "test_pip_resolves_the_cpu_extra_as_readme_prints_it": tuple(readme_cpu_install()[2:]),
-    }
 
 
 @pytest.mark.slow  # resolves against the package index (network, about a minute)
 def test_pip_resolves_the_cuda_extra_to_one_coherent_stack():
     """`pip install ".[cuda]"` as a user runs it: torch, fbgemm-gpu and torchrec of the pinned
     triple, never fbgemm-gpu-cpu beside them."""
-    resolved = _dry_run(*background_dry_runs()["test_pip_resolves_the_cuda_extra_to_one_coherent_stack"])
+    resolved = _dry_run(".[cuda]")
     assert resolved["torch"].split("+")[0] == PINS["torch"]
     assert resolved["fbgemm-gpu"] == PINS["torchrec"] and "fbgemm-gpu-cpu" not in resolved, resolved
     assert resolved["torchrec"] == PINS["torchrec"]
@@ -209,7 +168,7 @@ def test_pip_resolves_the_cpu_extra_as_readme_prints_it():
     dependencies) or a CUDA library."""
     cmd = readme_cpu_install()
     assert cmd[:2] == ["pip", "install"], cmd
-    resolved = _dry_run(*background_dry_runs()["test_pip_resolves_the_cpu_extra_as_readme_prints_it"])
+    resolved = _dry_run(*cmd[2:])
     assert resolved["torch"] == f"{PINS['torch']}+cpu", resolved
     assert resolved["fbgemm-gpu-cpu"] == PINS["torchrec"]
     assert not {"fbgemm-gpu", "torchrec"} & set(resolved), resolved
