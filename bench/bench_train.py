@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.machine import describe
 from trainer.cli_help import HelpFormatter, description
+from trainer.table_layout import embedding_shape
 
 NUM_FIELDS = 39
 NUM_INTEGER_FIELDS = 13
@@ -87,11 +88,11 @@ class Row:
 
     @property
     def num_sets(self) -> int:
-        return self.scale if self.mode == "me" else 1
+        return embedding_shape(self.mode, self.scale, BASE_DIM)[0]
 
     @property
     def dim(self) -> int:
-        return BASE_DIM if self.mode == "me" else BASE_DIM * self.scale
+        return embedding_shape(self.mode, self.scale, BASE_DIM)[1]
 
     @property
     def label(self) -> str:

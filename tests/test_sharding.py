@@ -443,7 +443,7 @@ def test_grouped_rowwise_adagrad_steps_blocks_of_replicated_tables_like_rowwise_
         KeyedOptimizerWrapper(params[1], lambda p: GroupedRowWiseAdagrad(p, lr=0.1, eps=1e-8)),
     ]
     grouped = optims[1]._optimizer
-    assert [[t.shape for t in block] for block, _, _ in grouped._blocks] == [[(5, 4), (7, 4)]]
+    assert [[t.shape for t in block] for block, _ in grouped._blocks] == [[(5, 4), (7, 4)]]
     for step in range(4):
         grad = torch.randn(start.shape, generator=generator)
         grad[:4] = 0  # rows 0 of t0 never looked up

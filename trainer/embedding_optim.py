@@ -289,20 +289,19 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
 
     def __init__(self, params: Iterable[torch.Tensor], **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        self._blocks: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        self._blocks: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (tables, their (rows, 1) state sum)
         self._in_block: set[int] = set()
         group = self.param_groups[0]
         if len(self.param_groups) != 1 or group["lr_decay"] or group["weight_decay"] or group["maximize"]:
             return
         for tables in _table_blocks(list(group["params"])):
-            flat = tables[0]._original_tensor
             state_sum = torch.cat([self.state[p]["sum"] for p in tables])  # (rows, 1)
             row = 0
             for p in tables:
                 self.state[p]["sum"] = state_sum[row : row + p.shape[0]]
                 row += p.shape[0]
-            self._blocks.append((tables, flat, state_sum))
-        self._in_block = {id(p) for tables, _, _ in self._blocks for p in tables}
+            self._blocks.append((tables, state_sum))
+        self._in_block = {id(p) for tables, _ in self._blocks for p in tables}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -314,7 +313,8 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
                 loss = closure()
         group = self.param_groups[0]
         per_table = [p for p in group["params"] if id(p) not in self._in_block]
-        for tables, flat, state_sum in self._blocks:
+        for tables, state_sum in self._blocks:
+            flat = tables[0]._original_tensor
             if flat.grad is None:  # gradients set per table (KeyedOptimizer.init_state): one by one
                 per_table += tables
                 continue
